@@ -1,0 +1,297 @@
+"""Command-line flags and every check on them that needs no model.
+
+The flags are those of diffusers' advanced SDXL DreamBooth LoRA script, with the same names, defaults and
+meaning, plus a few of ours (marked "ours" in their help). `validate_args` runs before anything is loaded,
+so a bad command line fails in a second with a message that names the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import warnings
+from pathlib import Path
+
+# Features of the reference script that later versions of this project implement. Their flags are
+# accepted (so existing command lines parse), but asking for the feature stops the run at once.
+NOT_YET = {
+    "train_text_encoder_ti": "pivotal tuning (new token embeddings)",
+    "with_prior_preservation": "prior preservation with class images",
+    "validation_prompt": "validation images",
+    "push_to_hub": "uploading to the Hugging Face Hub",
+    "do_edm_style_training": "EDM-style training",
+    "cache_latents": "latent caching",
+}
+
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "piecewise_constant",
+)
+# Resize filters, named as torchvision's InterpolationMode (what the reference accepts).
+INTERPOLATION_MODES = ("nearest", "nearest_exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
+# Markers of an earlier run's results; a folder holding one is not reused without resume or overwrite.
+OUTPUT_MARKERS = ("pytorch_lora_weights.safetensors",)
+
+
+def str_to_bool(value: str | bool) -> bool:
+    """Parse a boolean flag value: true/false, 1/0, yes/no, on/off (any case)."""
+    if isinstance(value, bool):
+        return value
+    text = value.strip().lower()
+    if text in ("true", "1", "yes", "y", "on"):
+        return True
+    if text in ("false", "0", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false, 1/0, yes/no), got {value!r}")
+
+
+def _add_bool(parser: argparse._ActionsContainer, flag: str, default: bool, help: str) -> None:
+    """A boolean flag usable as `--flag`, `--flag False`, `--flag=true` or `--flag 0`."""
+    parser.add_argument(flag, type=str_to_bool, nargs="?", const=True, default=default, help=help)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="SDXL DreamBooth LoRA training with pivotal tuning.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+
+    g = parser.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", required=True, help="Hub id or local folder of an SDXL pipeline")
+    g.add_argument("--pretrained_vae_model_name_or_path", default=None, help="replacement VAE, e.g. an fp16-safe one")
+    g.add_argument("--revision", default=None, help="Hub revision of the model")
+    g.add_argument("--variant", default=None, help="weight variant, e.g. fp16")
+    g.add_argument("--cache_dir", default=None, help="where Hub downloads are cached")
+
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset_name", default=None, help="Hub dataset id or local ImageFolder path (images + captions)")
+    g.add_argument("--dataset_config_name", default=None, help="dataset configuration name")
+    g.add_argument("--instance_data_dir", default=None, help="plain folder of instance images")
+    g.add_argument("--image_column", default="image", help="image column of the dataset")
+    g.add_argument(
+        "--caption_column", default=None, help="caption column; without it every image uses --instance_prompt"
+    )
+    g.add_argument("--repeats", type=int, default=1, help="repeat the instance images this many times per epoch")
+    g.add_argument("--instance_prompt", required=True, help='prompt for instance images, e.g. "a photo of TOK dog"')
+    g.add_argument("--class_prompt", default=None, help="prompt for class images (prior preservation)")
+    g.add_argument("--class_data_dir", default=None, help="folder of class images")
+    g.add_argument("--num_class_images", type=int, default=100, help="minimum number of class images")
+    g.add_argument("--sample_batch_size", type=int, default=4, help="batch size for class-image generation")
+    g.add_argument("--prior_generation_precision", default=None, choices=["no", "fp32", "fp16", "bf16"])
+    g.add_argument("--resolution", type=int, default=1024, help="training resolution (multiple of 8)")
+    _add_bool(g, "--center_crop", False, "center crop instead of a random crop")
+    _add_bool(g, "--random_flip", False, "random horizontal flip")
+    g.add_argument("--image_interpolation_mode", default="lanczos", choices=INTERPOLATION_MODES, help="resize filter")
+    g.add_argument("--dataloader_num_workers", type=int, default=0, help="data loader worker processes")
+    _add_bool(g, "--cache_latents", False, "encode images once with the VAE before training")
+
+    g = parser.add_argument_group("pivotal tuning / text encoders")
+    _add_bool(g, "--train_text_encoder_ti", False, "pivotal tuning: train embeddings of new tokens")
+    g.add_argument("--token_abstraction", default="TOK", help="placeholder(s) in prompts, comma-separated")
+    g.add_argument("--num_new_tokens_per_abstraction", type=int, default=2, help="new tokens per abstraction")
+    g.add_argument(
+        "--train_text_encoder_ti_frac", type=float, default=0.5, help="fraction of steps training embeddings"
+    )
+    _add_bool(g, "--train_text_encoder", False, "LoRA on both text encoders too")
+    g.add_argument(
+        "--train_text_encoder_frac", type=float, default=1.0, help="fraction of steps training text-encoder LoRA"
+    )
+    g.add_argument("--text_encoder_lr", type=float, default=5e-6, help="learning rate of text-encoder parameters")
+    g.add_argument(
+        "--adam_weight_decay_text_encoder", type=float, default=None, help="weight decay of text-encoder parameters"
+    )
+    g.add_argument("--clip_skip", type=int, default=None, help="use the hidden state this many layers before the last")
+
+    g = parser.add_argument_group("LoRA")
+    g.add_argument("--rank", type=int, default=4, help="LoRA rank")
+    g.add_argument("--lora_alpha", type=float, default=None, help="(ours) LoRA alpha; default: the rank")
+    g.add_argument("--lora_dropout", type=float, default=0.0, help="LoRA dropout")
+    _add_bool(g, "--use_dora", False, "DoRA (weight-decomposed LoRA)")
+    g.add_argument(
+        "--lora_unet_blocks", default=None, help="comma-separated UNet blocks, e.g. unet.up_blocks.0.attentions.0"
+    )
+    _add_bool(g, "--use_blora", False, "B-LoRA: adapt only up_blocks.0.attentions.0 and .1")
+
+    g = parser.add_argument_group("optimisation")
+    g.add_argument(
+        "--optimizer", default="AdamW", type=str.lower, choices=["adamw", "prodigy"], help="AdamW or Prodigy"
+    )
+    _add_bool(g, "--use_8bit_adam", False, "bitsandbytes 8-bit AdamW")
+    g.add_argument("--learning_rate", type=float, default=1e-4, help="UNet learning rate (about 1.0 for Prodigy)")
+    _add_bool(g, "--scale_lr", False, "scale the learning rate by processes x accumulation x batch size")
+    g.add_argument("--lr_scheduler", default="constant", choices=LR_SCHEDULERS)
+    g.add_argument("--lr_step_rules", default=None, help='(ours) piecewise_constant rules, e.g. "1:10,0.1:20,0.01"')
+    g.add_argument("--lr_warmup_steps", type=int, default=500)
+    g.add_argument("--lr_num_cycles", type=int, default=1, help="cycles of cosine_with_restarts")
+    g.add_argument("--lr_power", type=float, default=1.0, help="power of the polynomial scheduler")
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_epsilon", type=float, default=1e-08)
+    g.add_argument("--adam_weight_decay", type=float, default=1e-04)
+    g.add_argument("--prodigy_beta3", type=float, default=None, help="Prodigy beta3; default sqrt(beta2)")
+    _add_bool(g, "--prodigy_decouple", True, "Prodigy: decoupled weight decay")
+    _add_bool(g, "--prodigy_use_bias_correction", True, "Prodigy: bias correction")
+    _add_bool(g, "--prodigy_safeguard_warmup", True, "Prodigy: safeguard warmup")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm")
+    g.add_argument("--train_batch_size", type=int, default=4, help="batch size per device")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    _add_bool(g, "--gradient_checkpointing", False, "trade compute for memory")
+    g.add_argument("--num_train_epochs", type=int, default=1)
+    g.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps; overrides epochs")
+    g.add_argument("--snr_gamma", type=float, default=None, help="min-SNR-gamma loss weighting (5.0 recommended)")
+    g.add_argument("--noise_offset", type=float, default=0.0, help="offset-noise strength")
+    g.add_argument(
+        "--prediction_type",
+        default=None,
+        choices=["epsilon", "v_prediction"],
+        help="(ours) training target; default: the model scheduler's",
+    )
+    _add_bool(g, "--do_edm_style_training", False, "EDM-style preconditioning and loss")
+    _add_bool(g, "--with_prior_preservation", False, "add the class-image loss")
+    g.add_argument("--prior_loss_weight", type=float, default=1.0)
+    g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
+    _add_bool(g, "--allow_tf32", False, "TF32 matmuls on Ampere and newer GPUs")
+    _add_bool(g, "--enable_xformers_memory_efficient_attention", False, "xformers attention")
+    g.add_argument("--seed", type=int, default=None, help="seed; a run without one picks one and records it")
+
+    g = parser.add_argument_group("checkpoints, validation, logging, hub")
+    g.add_argument("--output_dir", default="lora-dreambooth-model")
+    _add_bool(g, "--overwrite_output_dir", False, "(ours) allow replacing the results of an earlier run")
+    g.add_argument("--checkpointing_steps", type=int, default=500, help="save the training state every N steps")
+    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep at most N checkpoints")
+    g.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint folder, or "latest"')
+    g.add_argument("--validation_prompt", default=None)
+    g.add_argument("--num_validation_images", type=int, default=4)
+    g.add_argument("--validation_epochs", type=int, default=50)
+    g.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "all", "none"])
+    g.add_argument("--logging_dir", default="logs", help="tracker folder, relative to --output_dir")
+    _add_bool(g, "--push_to_hub", False, "upload the output folder")
+    g.add_argument("--hub_token", default=None, help="Hub token (never printed or logged)")
+    g.add_argument("--hub_model_id", default=None)
+    g.add_argument("--local_rank", type=int, default=-1, help="set by the launcher")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
+    if env_local_rank != -1 and env_local_rank != args.local_rank:
+        args.local_rank = env_local_rank
+    validate_args(args)
+    return args
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Reject bad or contradictory flags before any model or data is loaded. Raises ValueError."""
+    for flag, feature in NOT_YET.items():
+        if getattr(args, flag):
+            raise ValueError(
+                f"--{flag} asks for {feature}, which this version of the trainer does not implement yet. "
+                f"Remove --{flag} to train without it."
+            )
+
+    _validate_data_source(args)
+    _validate_output_dir(args)
+
+    if args.resolution <= 0 or args.resolution % 8:
+        raise ValueError(f"--resolution must be a positive multiple of 8 (the VAE's scale), got {args.resolution}.")
+    if args.use_blora and args.lora_unet_blocks:
+        raise ValueError("--use_blora fixes the UNet blocks itself; do not also pass --lora_unet_blocks.")
+    if args.train_text_encoder and args.train_text_encoder_ti:
+        raise ValueError(
+            "Use either --train_text_encoder (LoRA) or --train_text_encoder_ti (pivotal tuning), not both."
+        )
+    for flag in ("rank", "repeats", "train_batch_size", "gradient_accumulation_steps", "num_train_epochs"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        raise ValueError(f"--max_train_steps must be at least 1, got {args.max_train_steps}.")
+    if args.checkpointing_steps < 1:
+        raise ValueError(f"--checkpointing_steps must be at least 1, got {args.checkpointing_steps}.")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        raise ValueError(f"--checkpoints_total_limit must be at least 1, got {args.checkpoints_total_limit}.")
+    for flag in ("train_text_encoder_frac", "train_text_encoder_ti_frac"):
+        if not 0.0 < getattr(args, flag) <= 1.0:
+            raise ValueError(f"--{flag} must be in (0, 1], got {getattr(args, flag)}.")
+    if args.snr_gamma is not None and args.snr_gamma <= 0:
+        raise ValueError(f"--snr_gamma must be positive (5.0 is the usual value), got {args.snr_gamma}.")
+    if not 0.0 <= args.lora_dropout < 1.0:
+        raise ValueError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}.")
+    if args.clip_skip is not None and args.clip_skip < 0:
+        raise ValueError(f"--clip_skip must be 0 or more, got {args.clip_skip}.")
+    if args.dataloader_num_workers < 0:
+        raise ValueError(f"--dataloader_num_workers must be 0 or more, got {args.dataloader_num_workers}.")
+    if args.lora_unet_blocks is not None:
+        parse_unet_blocks(args.lora_unet_blocks)
+
+    if args.optimizer == "prodigy" and args.use_8bit_adam:
+        warnings.warn("--use_8bit_adam has no effect with --optimizer prodigy.", stacklevel=2)
+    if args.optimizer == "prodigy" and args.learning_rate <= 0.1:
+        warnings.warn(
+            f"Prodigy adapts the step size itself; --learning_rate is a multiplier, usually 1.0 "
+            f"(got {args.learning_rate}).",
+            stacklevel=2,
+        )
+    if not args.with_prior_preservation and (args.class_data_dir or args.class_prompt):
+        warnings.warn("--class_data_dir/--class_prompt are ignored without --with_prior_preservation.", stacklevel=2)
+
+
+def _validate_data_source(args: argparse.Namespace) -> None:
+    if args.dataset_name and args.instance_data_dir:
+        raise ValueError("Pass either --dataset_name or --instance_data_dir, not both.")
+    if not args.dataset_name and not args.instance_data_dir:
+        raise ValueError("No training images: pass --instance_data_dir FOLDER or --dataset_name NAME_OR_FOLDER.")
+    if args.instance_data_dir:
+        folder = Path(args.instance_data_dir)
+        if not folder.exists():
+            raise ValueError(f"--instance_data_dir {folder} does not exist.")
+        if not folder.is_dir():
+            raise ValueError(f"--instance_data_dir {folder} is a file; pass the folder that holds the images.")
+    if args.caption_column and not args.dataset_name:
+        raise ValueError("--caption_column applies to --dataset_name; a plain --instance_data_dir has no columns.")
+
+
+def _validate_output_dir(args: argparse.Namespace) -> None:
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output_dir {out} is a file; pass a folder path.")
+    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
+        checkpoint = Path(args.resume_from_checkpoint)
+        if not checkpoint.is_absolute() and not checkpoint.exists():
+            checkpoint = out / checkpoint
+        if not checkpoint.is_dir():
+            raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder.")
+    if args.resume_from_checkpoint or args.overwrite_output_dir or not out.is_dir():
+        return
+    earlier = [name for name in OUTPUT_MARKERS if (out / name).exists()]
+    earlier += sorted(p.name for p in out.glob("checkpoint-*"))
+    if earlier:
+        raise ValueError(
+            f"--output_dir {out} holds an earlier run ({', '.join(earlier[:3])}). Pass --resume_from_checkpoint "
+            "latest to continue it, --overwrite_output_dir to replace it, or choose another --output_dir."
+        )
+
+
+_BLOCK_PATTERN = re.compile(
+    r"^(down_blocks\.\d+\.attentions\.\d+|mid_block\.attentions\.\d+|up_blocks\.\d+\.attentions\.\d+)$"
+)
+
+
+def parse_unet_blocks(spec: str) -> list[str]:
+    """`"unet.up_blocks.0.attentions.0, up_blocks.0.attentions.1"` -> `["up_blocks.0.attentions.0", ...]`."""
+    blocks = []
+    for item in "".join(spec.split()).split(","):
+        name = item.removeprefix("unet.")
+        if not _BLOCK_PATTERN.match(name):
+            raise ValueError(
+                f"--lora_unet_blocks: {item!r} is not a UNet attention block; use names such as "
+                "unet.down_blocks.2.attentions.0, unet.mid_block.attentions.0 or unet.up_blocks.0.attentions.1."
+            )
+        blocks.append(name)
+    return blocks

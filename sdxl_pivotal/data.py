@@ -1,0 +1,279 @@
+"""Training images: where they come from, how each becomes a tensor, and in what order they are seen.
+
+Sources: a plain folder (`--instance_data_dir`), or a datasets ImageFolder / Hub dataset (`--dataset_name`)
+with an optional caption column. Every image is checked when the dataset is built, before any model loads.
+
+Order and augmentation are pure functions of (seed, epoch, sample): the same seed gives the same batches,
+and a resumed run sees exactly the batches the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+logger = logging.getLogger(__name__)
+
+_PIL_FILTERS = {
+    "nearest": Image.Resampling.NEAREST,
+    "nearest_exact": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+def image_extensions() -> set[str]:
+    """File extensions PIL can open (".png", ".jpg", ".webp", ...)."""
+    Image.init()
+    return {ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Upright 8-bit RGB: EXIF orientation applied, transparency composited on white, 16-bit scaled down."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit greyscale: scale the full range to 8 bits instead of clipping at 255.
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def open_image(path: Path) -> Image.Image:
+    """Open and fully decode an image file as RGB; a file that cannot be read raises naming the file."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            rgb = to_rgb(image)
+    except Exception as error:  # PIL raises many types: UnidentifiedImageError, OSError, SyntaxError...
+        raise ValueError(f"Cannot read image {path}: {error}. Fix or remove the file.") from error
+    if rgb.width == 0 or rgb.height == 0:
+        raise ValueError(f"Image {path} is empty (0 pixels). Remove the file.")
+    return rgb
+
+
+@dataclass
+class ImageRecord:
+    """One training image: a file path or an in-memory image from a dataset, and its caption."""
+
+    caption: str
+    path: Path | None = None
+    image: Image.Image | None = None
+
+    def load(self) -> Image.Image:
+        return open_image(self.path) if self.path is not None else to_rgb(self.image)
+
+    @property
+    def name(self) -> str:
+        return str(self.path) if self.path is not None else "dataset row"
+
+
+def records_from_folder(folder: Path, instance_prompt: str) -> list[ImageRecord]:
+    """Every image file in `folder` (sorted by name); each is decoded once here to fail early."""
+    extensions = image_extensions()
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    images = [p for p in files if p.suffix.lower() in extensions]
+    others = [p.name for p in files if p.suffix.lower() not in extensions]
+    if others:
+        logger.warning("Ignoring %d non-image file(s) in %s: %s", len(others), folder, ", ".join(others[:10]))
+    if not images:
+        raise ValueError(f"--instance_data_dir {folder} holds no images ({', '.join(sorted(extensions)[:8])}, ...).")
+    for path in images:
+        open_image(path)
+    return [ImageRecord(caption=instance_prompt, path=path) for path in images]
+
+
+def records_from_dataset(args: argparse.Namespace) -> list[ImageRecord]:
+    """Rows of a datasets ImageFolder (local path) or Hub dataset, with captions from `--caption_column`."""
+    from datasets import load_dataset
+
+    dataset = load_dataset(
+        args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir, revision=None, split="train"
+    )
+    columns = list(dataset.column_names)
+    for flag in ("image_column", "caption_column"):
+        column = getattr(args, flag)
+        if column is not None and column not in columns:
+            raise ValueError(
+                f"--{flag} {column!r} is not a column of {args.dataset_name}; its columns are: {', '.join(columns)}."
+            )
+    if len(dataset) == 0:
+        raise ValueError(f"Dataset {args.dataset_name} has no rows.")
+    records = []
+    for i, row in enumerate(dataset):
+        image = row[args.image_column]
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"Row {i} of column {args.image_column!r} is not an image ({type(image).__name__}).")
+        caption = row[args.caption_column] if args.caption_column else args.instance_prompt
+        if not isinstance(caption, str) or not caption.strip():
+            logger.warning("Row %d has no caption; using --instance_prompt.", i)
+            caption = args.instance_prompt
+        records.append(ImageRecord(caption=caption, image=image))
+    return records
+
+
+def load_records(args: argparse.Namespace) -> list[ImageRecord]:
+    if args.dataset_name:
+        return records_from_dataset(args)
+    return records_from_folder(Path(args.instance_data_dir), args.instance_prompt)
+
+
+@dataclass
+class Sample:
+    """One image ready for the model, with SDXL's micro-conditioning (all as (height, width) / (top, left))."""
+
+    pixel_values: torch.Tensor  # [3, H, W] in [-1, 1]
+    caption: str
+    original_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
+    target_size: tuple[int, int]
+
+
+def prepare_image(
+    image: Image.Image,
+    resolution: int,
+    rng: np.random.Generator,
+    center_crop: bool,
+    random_flip: bool,
+    interpolation: str,
+) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+    """Resize the short side to `resolution`, crop a square, maybe flip; return pixels, original size, crop.
+
+    The crop's top-left is given in the resized image's pixels, as SDXL was trained to expect.
+    """
+    original_size = (image.height, image.width)
+    scale = resolution / min(image.width, image.height)
+    width, height = max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))
+    image = image.resize((width, height), resample=_PIL_FILTERS[interpolation])
+    if center_crop:
+        top, left = (height - resolution) // 2, (width - resolution) // 2
+    else:
+        top = int(rng.integers(0, height - resolution + 1))
+        left = int(rng.integers(0, width - resolution + 1))
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if random_flip and rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        # SDXL conditions on where the crop was taken; mirrored, the crop's left edge mirrors too.
+        left = width - left - resolution
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
+    return pixels / 127.5 - 1.0, original_size, (top, left)
+
+
+class DreamBoothDataset(torch.utils.data.Dataset):
+    """Instance images, indexed by `(epoch, i)` so crops and flips are reproducible per epoch and sample."""
+
+    def __init__(self, records: list[ImageRecord], args: argparse.Namespace, seed: int):
+        self.records = records
+        self.repeats = args.repeats
+        self.resolution = args.resolution
+        self.center_crop = args.center_crop
+        self.random_flip = args.random_flip
+        self.interpolation = args.image_interpolation_mode
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.records) * self.repeats
+
+    def __getitem__(self, key: tuple[int, int]) -> Sample:
+        epoch, index = key
+        record = self.records[index % len(self.records)]
+        rng = np.random.default_rng([self.seed, epoch, index])
+        pixels, original_size, crop = prepare_image(
+            record.load(), self.resolution, rng, self.center_crop, self.random_flip, self.interpolation
+        )
+        return Sample(pixels, record.caption, original_size, crop, (self.resolution, self.resolution))
+
+
+@dataclass
+class Batch:
+    pixel_values: torch.Tensor  # [B, 3, H, W]
+    captions: list[str]
+    time_ids: torch.Tensor  # [B, 6]: original (h, w), crop (top, left), target (h, w)
+
+
+def collate(samples: list[Sample]) -> Batch:
+    time_ids = [list(s.original_size + s.crop_top_left + s.target_size) for s in samples]
+    return Batch(
+        pixel_values=torch.stack([s.pixel_values for s in samples]).contiguous(),
+        captions=[s.caption for s in samples],
+        time_ids=torch.tensor(time_ids, dtype=torch.float32),
+    )
+
+
+class StepPlan:
+    """Which samples every optimizer step of every epoch uses, on this process.
+
+    Each epoch draws a permutation from (seed, epoch); with several processes the permutation is padded by
+    wrapping around to a multiple of the process count and dealt out round-robin, so every process runs the
+    same number of batches. Micro-batches are grouped `accumulation` at a time into optimizer steps; the last
+    step of an epoch may have fewer.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        accumulation: int,
+        seed: int,
+        num_processes: int = 1,
+        process_index: int = 0,
+    ):
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.accumulation = accumulation
+        self.seed = seed
+        self.num_processes = num_processes
+        self.process_index = process_index
+        per_process = math.ceil(num_samples / num_processes)
+        self.batches_per_epoch = math.ceil(per_process / batch_size)
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / accumulation)
+
+    def epoch_batches(self, epoch: int) -> list[list[tuple[int, int]]]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        order = torch.randperm(self.num_samples, generator=generator).tolist()
+        padded = math.ceil(self.num_samples / self.num_processes) * self.num_processes
+        order = (order * math.ceil(padded / self.num_samples))[:padded]
+        mine = order[self.process_index :: self.num_processes]
+        return [[(epoch, i) for i in mine[b : b + self.batch_size]] for b in range(0, len(mine), self.batch_size)]
+
+    def step_groups(self, epoch: int) -> list[list[list[tuple[int, int]]]]:
+        """The epoch's batches grouped into optimizer steps."""
+        batches = self.epoch_batches(epoch)
+        return [batches[s : s + self.accumulation] for s in range(0, len(batches), self.accumulation)]
+
+
+def iterate_steps(dataset: DreamBoothDataset, plan: StepPlan, start_step: int, num_workers: int):
+    """Yield `(step, [Batch, ...])` for every optimizer step from `start_step` on, forever (epoch after epoch).
+
+    The caller stops at its last step. Workers load the batches of one epoch at a time; skipping to a
+    resumed step costs no image loading.
+    """
+    epoch, first = divmod(start_step, plan.steps_per_epoch)
+    step = start_step
+    while True:
+        groups = plan.step_groups(epoch)[first:]
+        flat = [batch for group in groups for batch in group]
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=flat, collate_fn=collate, num_workers=num_workers, pin_memory=False
+        )
+        batches = iter(loader)
+        for group in groups:
+            yield step, [next(batches) for _ in group]
+            step += 1
+        epoch, first = epoch + 1, 0

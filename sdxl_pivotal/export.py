@@ -1,0 +1,64 @@
+"""Write the trained LoRA as files users load: diffusers' `pytorch_lora_weights.safetensors`.
+
+Every file is written atomically: into a temporary name in the same folder, then renamed over the target,
+so a crash leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+
+
+@contextlib.contextmanager
+def atomic_folder(target: Path) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside `target`; on success it replaces `target` in one rename."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        yield staging
+        if target.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, trash / target.name)
+            os.replace(staging, target)
+            shutil.rmtree(trash)
+        else:
+            os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's LoRA weights in diffusers' naming (PEFT's adapter name removed)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+
+
+def save_diffusers_lora(folder: Path, models: dict[str, torch.nn.Module]) -> Path:
+    """Write `pytorch_lora_weights.safetensors` for `models` ({"unet": ..., "text_encoder": ..., ...}).
+
+    The PEFT config of each part goes into the file's metadata, so loaders use the true alpha and options
+    instead of assuming alpha = rank.
+    """
+    from diffusers import StableDiffusionXLPipeline
+
+    layers = {f"{name}_lora_layers": lora_state_dict(model) for name, model in models.items()}
+    metadata = {
+        f"{name}_lora_adapter_metadata": model.peft_config["default"].to_dict() for name, model in models.items()
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".lora-", dir=folder) as staging:
+        StableDiffusionXLPipeline.save_lora_weights(staging, **layers, **metadata, weight_name=LORA_WEIGHTS_NAME)
+        os.replace(Path(staging) / LORA_WEIGHTS_NAME, folder / LORA_WEIGHTS_NAME)
+    return folder / LORA_WEIGHTS_NAME

@@ -1,0 +1,116 @@
+"""Load the SDXL parts, attach PEFT LoRA adapters, and set dtypes and devices."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig
+
+from .args import parse_unet_blocks
+
+logger = logging.getLogger(__name__)
+
+UNET_ATTENTION_PROJECTIONS = ("to_k", "to_q", "to_v", "to_out.0")
+TEXT_ENCODER_ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
+BLORA_BLOCKS = "up_blocks.0.attentions.0,up_blocks.0.attentions.1"
+
+
+@dataclass
+class SDXLParts:
+    tokenizer: object
+    tokenizer_2: object
+    text_encoder: torch.nn.Module
+    text_encoder_2: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    noise_scheduler: object
+
+
+def load_sdxl(args: argparse.Namespace) -> SDXLParts:
+    """Load tokenizers, text encoders, VAE, UNet and the training noise scheduler, all frozen."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    source = dict(revision=args.revision, cache_dir=args.cache_dir)
+    path = args.pretrained_model_name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", use_fast=False, **source)
+    tokenizer_2 = AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", use_fast=False, **source)
+    weights = dict(variant=args.variant, use_safetensors=True, **source)
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights)
+    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **weights)
+    if args.pretrained_vae_model_name_or_path:
+        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, **source, use_safetensors=True)
+    else:
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **weights)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights)
+    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **source)
+    if args.prediction_type is not None:
+        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    for model in (text_encoder, text_encoder_2, vae, unet):
+        model.requires_grad_(False)
+    return SDXLParts(tokenizer, tokenizer_2, text_encoder, text_encoder_2, vae, unet, noise_scheduler)
+
+
+def unet_lora_targets(unet: torch.nn.Module, blocks_spec: str | None) -> list[str]:
+    """Attention projections to adapt: all of them, or only those inside the named blocks."""
+    if blocks_spec is None:
+        return list(UNET_ATTENTION_PROJECTIONS)
+    projections = tuple("." + name for name in UNET_ATTENTION_PROJECTIONS)
+    module_names = [name for name, _ in unet.named_modules()]
+    targets = []
+    for block in parse_unet_blocks(blocks_spec):
+        in_block = [n for n in module_names if n.startswith(block + ".") and n.endswith(projections)]
+        if not in_block:
+            available = sorted({".".join(n.split(".")[:4]) for n in module_names if ".attentions." in n})
+            raise ValueError(
+                f"--lora_unet_blocks: this UNet has no attention block {block!r}. Blocks it has: "
+                + ", ".join("unet." + a for a in available if a.count(".") == 3)
+            )
+        targets += in_block
+    return targets
+
+
+def lora_config(args: argparse.Namespace, target_modules: list[str]) -> LoraConfig:
+    return LoraConfig(
+        r=args.rank,
+        lora_alpha=args.lora_alpha if args.lora_alpha is not None else args.rank,
+        lora_dropout=args.lora_dropout,
+        use_dora=args.use_dora,
+        init_lora_weights="gaussian",
+        target_modules=target_modules,
+    )
+
+
+def add_lora_adapters(parts: SDXLParts, args: argparse.Namespace) -> None:
+    """Attach the trainable LoRA adapters (UNet; text encoders with --train_text_encoder)."""
+    blocks = BLORA_BLOCKS if args.use_blora else args.lora_unet_blocks
+    parts.unet.add_adapter(lora_config(args, unet_lora_targets(parts.unet, blocks)))
+    if args.train_text_encoder:
+        config = lora_config(args, list(TEXT_ENCODER_ATTENTION_PROJECTIONS))
+        parts.text_encoder.add_adapter(config)
+        parts.text_encoder_2.add_adapter(config)
+
+
+def trained_models(parts: SDXLParts, args: argparse.Namespace) -> dict[str, torch.nn.Module]:
+    """The models that hold trainable parameters, by the names diffusers' LoRA files use."""
+    models = {"unet": parts.unet}
+    if args.train_text_encoder:
+        models.update(text_encoder=parts.text_encoder, text_encoder_2=parts.text_encoder_2)
+    return models
+
+
+def place_models(parts: SDXLParts, device: torch.device, weight_dtype: torch.dtype, vae_fp32: bool) -> None:
+    """Frozen weights in the training dtype on the device; the trainable LoRA weights stay float32.
+
+    SDXL's own VAE overflows in float16, so it stays in float32 unless a replacement VAE was given.
+    """
+    from diffusers.training_utils import cast_training_params
+
+    parts.unet.to(device, dtype=weight_dtype)
+    parts.text_encoder.to(device, dtype=weight_dtype)
+    parts.text_encoder_2.to(device, dtype=weight_dtype)
+    parts.vae.to(device, dtype=torch.float32 if vae_fp32 else weight_dtype)
+    cast_training_params([parts.unet, parts.text_encoder, parts.text_encoder_2], dtype=torch.float32)

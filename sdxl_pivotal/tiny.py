@@ -1,0 +1,256 @@
+"""An embedded SDXL-architecture pipeline with random weights, and a demo image set.
+
+Nothing can be downloaded here, so tests, the demo and the benchmarks build their own SDXL: the same
+components and topology as `stabilityai/stable-diffusion-xl-base-1.0` (three UNet levels, cross-attention
+in the lower two, `text_time` micro-conditioning, CLIP-L + CLIP-G/bigG text encoders, an 8x VAE, SDXL's
+Euler scheduler), only narrower. The CLIP tokenizers' vocab and merges are written by code.
+
+    python -m sdxl_pivotal.tiny --output_dir tiny-sdxl [--preset tiny|small] [--demo_images demo-images]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+# Per-preset sizes. "tiny": a training step at 128 px takes a fraction of a second on a laptop CPU.
+# "small": about 50 M UNet parameters, for benchmarks at 256 px.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(
+        unet_channels=(32, 64, 64),
+        unet_heads=(2, 4, 4),
+        transformer_layers=(1, 1, 1),
+        text_hidden=(32, 32),
+        text_layers=4,
+        vae_channels=(16, 16, 32, 32),
+    ),
+    "small": dict(
+        unet_channels=(128, 256, 384),
+        unet_heads=(2, 4, 6),
+        transformer_layers=(1, 2, 2),
+        text_hidden=(64, 96),
+        text_layers=4,
+        vae_channels=(32, 32, 64, 64),
+    ),
+}
+
+# Words that get full BPE merges in the tiny vocabulary, so common prompts tokenize into few tokens.
+_VOCAB_WORDS = tuple(
+    (
+        "a photo of the in on with and dog cat man woman "
+        "person face style painting portrait tok sks red blue green yellow toy "
+        "figure close up standing sitting background white black outdoors "
+    ).split()
+)
+
+SDXL_SCHEDULER_CONFIG = dict(
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    beta_start=0.00085,
+    interpolation_type="linear",
+    num_train_timesteps=1000,
+    prediction_type="epsilon",
+    sample_max_value=1.0,
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
+    steps_offset=1,
+    timestep_spacing="leading",
+    trained_betas=None,
+    use_karras_sigmas=False,
+)
+
+
+def _bytes_to_unicode() -> list[str]:
+    """The 256 printable characters GPT-2/CLIP BPE uses to stand for the 256 byte values."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    codes, extra = [], 0
+    for byte in range(256):
+        if byte in printable:
+            codes.append(byte)
+        else:
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in codes]
+
+
+def write_clip_vocab(folder: Path) -> tuple[Path, Path]:
+    """Write a small but complete CLIP BPE vocabulary (`vocab.json`, `merges.txt`) into `folder`.
+
+    Every byte is a token (alone and as a word end `</w>`), so any text tokenizes; the words of
+    `_VOCAB_WORDS` are merged left to right into whole-word tokens.
+    """
+    chars = _bytes_to_unicode()
+    vocab: list[str] = chars + [c + "</w>" for c in chars]
+    merges: list[str] = []
+    for word in _VOCAB_WORDS:
+        symbols = [*word[:-1], word[-1] + "</w>"]
+        merged = symbols[0]
+        for nxt in symbols[1:]:
+            rule = f"{merged} {nxt}"
+            merged = merged + nxt
+            if rule not in merges:
+                merges.append(rule)
+                vocab.append(merged)
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
+    vocab_file.write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
+    merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return vocab_file, merges_file
+
+
+def build_tiny_sdxl_pipeline(preset: str = "tiny", seed: int = 0):
+    """Build an SDXL `StableDiffusionXLPipeline` with random weights, deterministic for a given seed."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    p = PRESETS[preset]
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_file, merges_file = write_clip_vocab(Path(tmp))
+        tokenizer = CLIPTokenizer(vocab=str(vocab_file), merges=str(merges_file), model_max_length=77)
+        # SDXL's second tokenizer pads with "!" instead of the end-of-text token.
+        tokenizer_2 = CLIPTokenizer(vocab=str(vocab_file), merges=str(merges_file), model_max_length=77, pad_token="!")
+    special = dict(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        max_position_embeddings=77,
+        num_hidden_layers=p["text_layers"],
+        num_attention_heads=4,
+    )
+    hidden_1, hidden_2 = p["text_hidden"]
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=hidden_1,
+            intermediate_size=4 * hidden_1,
+            hidden_act="quick_gelu",
+            pad_token_id=tokenizer.pad_token_id,
+            **special,
+        )
+    )
+    text_encoder_2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            hidden_size=hidden_2,
+            intermediate_size=4 * hidden_2,
+            hidden_act="gelu",
+            projection_dim=hidden_2,
+            pad_token_id=tokenizer_2.pad_token_id,
+            **special,
+        )
+    )
+    addition_time_embed_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=p["unet_channels"],
+        layers_per_block=2,
+        attention_head_dim=p["unet_heads"],
+        transformer_layers_per_block=p["transformer_layers"],
+        # SDXL: the UNet sees both encoders' hidden states concatenated, and the pooled CLIP-G output
+        # plus six Fourier-embedded micro-conditioning numbers (original size, crop, target size).
+        cross_attention_dim=hidden_1 + hidden_2,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=addition_time_embed_dim,
+        projection_class_embeddings_input_dim=6 * addition_time_embed_dim + hidden_2,
+        use_linear_projection=True,
+        norm_num_groups=32,
+    )
+    vae_channels = p["vae_channels"]
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
+        block_out_channels=vae_channels,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=128,
+        scaling_factor=0.13025,
+    )
+    scheduler = EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG)
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+    )
+
+
+def save_tiny_sdxl(output_dir: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
+    """Build the pipeline and `save_pretrained` it (safetensors) into `output_dir`; return the folder."""
+    output_dir = Path(output_dir)
+    build_tiny_sdxl_pipeline(preset, seed).save_pretrained(output_dir, safe_serialization=True)
+    return output_dir
+
+
+def write_demo_images(output_dir: str | Path, count: int = 6, seed: int = 0) -> Path:
+    """Write `count` photos of one synthetic "subject" (a red toy figure) plus a `metadata.jsonl`.
+
+    Sizes and aspect ratios vary, as phone photos do; the folder works both as `--instance_data_dir`
+    and as a datasets ImageFolder (`--dataset_name DIR --caption_column text`).
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    sizes = [(160, 160), (192, 144), (144, 192), (200, 150), (176, 176), (150, 210), (256, 192)]
+    backgrounds = ["green outdoors", "blue background", "white background", "yellow background"]
+    rows = []
+    for i in range(count):
+        w, h = sizes[i % len(sizes)]
+        bg_name = backgrounds[i % len(backgrounds)]
+        bg = {"green": (60, 140, 70), "blue": (50, 90, 170), "white": (235, 235, 235)}.get(
+            bg_name.split()[0], (220, 200, 60)
+        )
+        noise = rng.integers(-12, 12, size=(h, w, 3))
+        image = Image.fromarray(np.clip(np.array(bg) + noise, 0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(image)
+        cx, cy = w * rng.uniform(0.35, 0.65), h * rng.uniform(0.4, 0.6)
+        s = min(w, h) * rng.uniform(0.18, 0.26)
+        draw.ellipse([cx - s * 0.6, cy - s * 1.9, cx + s * 0.6, cy - s * 0.7], fill=(200, 40, 40))
+        draw.rectangle([cx - s, cy - s * 0.7, cx + s, cy + s * 1.2], fill=(210, 30, 30))
+        draw.ellipse([cx - s * 0.3, cy - s * 1.5, cx - s * 0.1, cy - s * 1.3], fill=(10, 10, 10))
+        draw.ellipse([cx + s * 0.1, cy - s * 1.5, cx + s * 0.3, cy - s * 1.3], fill=(10, 10, 10))
+        name = f"toy_{i:02d}.png"
+        image.save(output_dir / name)
+        rows.append({"file_name": name, "text": f"a photo of TOK toy figure, {bg_name}"})
+    with open(output_dir / "metadata.jsonl", "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    return output_dir
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--output_dir", default="tiny-sdxl", help="where to save the pipeline")
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--demo_images", default=None, help="also write the demo image set here")
+    args = parser.parse_args()
+    folder = save_tiny_sdxl(args.output_dir, args.preset, args.seed)
+    print(f"saved a {args.preset} SDXL pipeline to {folder}")
+    if args.demo_images:
+        print(f"wrote demo images to {write_demo_images(args.demo_images)}")
+
+
+if __name__ == "__main__":
+    main()

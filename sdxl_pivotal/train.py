@@ -1,0 +1,234 @@
+"""The training loop: prepare, then for each optimizer step batch -> latents -> noise -> UNet -> loss ->
+backward -> step -> checkpoint. Every detail is one call away in a named module."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, broadcast_object_list
+from tqdm.auto import tqdm
+
+from .checkpoints import load_checkpoint, remove_partial_checkpoints, resolve_checkpoint, save_checkpoint
+from .data import Batch, DreamBoothDataset, StepPlan, iterate_steps, load_records
+from .export import save_diffusers_lora
+from .losses import diffusion_loss, min_snr_weights, sample_noise, sample_timesteps, training_target
+from .models import SDXLParts, add_lora_adapters, load_sdxl, place_models, trained_models
+from .optim import create_lr_scheduler, create_optimizer, parameter_groups, trainable_parameters
+from .prompts import PromptEncoder
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def step_generator(seed: int, step: int, process_index: int) -> torch.Generator:
+    """All randomness of one optimizer step (VAE sampling, noise, timesteps, dropout) derives from
+    (seed, step, process): a resumed run draws exactly what the uninterrupted run drew."""
+    step_seed = int(np.random.SeedSequence([seed, step, process_index]).generate_state(1, dtype=np.uint64)[0])
+    torch.manual_seed(step_seed)  # modules that use the global RNG, such as LoRA dropout
+    return torch.Generator().manual_seed(step_seed)
+
+
+def batch_loss(
+    parts: SDXLParts,
+    unet: torch.nn.Module,
+    encode_prompts: PromptEncoder,
+    batch: Batch,
+    generator: torch.Generator,
+    args: argparse.Namespace,
+    text_trainable: bool = False,
+) -> torch.Tensor:
+    """The diffusion loss of one batch, with all sampling drawn from `generator`."""
+    vae, scheduler = parts.vae, parts.noise_scheduler
+    device = parts.unet.device
+    with torch.no_grad():
+        pixels = batch.pixel_values.to(device, dtype=vae.dtype)
+        latents = vae.encode(pixels).latent_dist.sample(generator=generator) * vae.config.scaling_factor
+    latents = latents.to(parts.unet.dtype)
+
+    # Forward diffusion: x_t = sqrt(alpha_bar_t) * x_0 + sqrt(1 - alpha_bar_t) * noise.
+    noise = sample_noise(latents, generator, args.noise_offset)
+    timesteps = sample_timesteps(len(latents), scheduler.config.num_train_timesteps, generator, device)
+    noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+
+    prompt_embeds, pooled_embeds = encode_prompts(batch.captions, trainable=text_trainable)
+    # SDXL micro-conditioning: (original h, w, crop top, left, target h, w) for each image.
+    time_ids = batch.time_ids.to(device, dtype=prompt_embeds.dtype)
+    prediction = unet(
+        noisy_latents,
+        timesteps,
+        encoder_hidden_states=prompt_embeds,
+        added_cond_kwargs={"text_embeds": pooled_embeds, "time_ids": time_ids},
+        return_dict=False,
+    )[0]
+
+    target = training_target(scheduler, latents, noise, timesteps)
+    weights = min_snr_weights(scheduler, timesteps, args.snr_gamma) if args.snr_gamma else None
+    return diffusion_loss(prediction, target, weights)
+
+
+def make_accelerator(args: argparse.Namespace) -> Accelerator:
+    output_dir = Path(args.output_dir)
+    report_to = {"none": None, "all": "all"}.get(args.report_to, args.report_to)
+    project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir))
+    # Gradient accumulation is explicit in the loop below, so accelerate is told 1.
+    return Accelerator(mixed_precision=args.mixed_precision, log_with=report_to, project_config=project)
+
+
+def resolve_seed(args: argparse.Namespace, accelerator: Accelerator, checkpoint: Path | None) -> int:
+    """The run's seed: the checkpoint's when resuming, else --seed, else one drawn now (and logged)."""
+    from .checkpoints import read_resume_point
+
+    if checkpoint is not None:
+        seed = read_resume_point(checkpoint).seed
+        if args.seed is not None and args.seed != seed:
+            logger.warning("Resuming with the checkpoint's seed %d, not --seed %d.", seed, args.seed)
+        return seed
+    if args.seed is not None:
+        return args.seed
+    drawn = [int(np.random.SeedSequence().generate_state(1)[0]) if accelerator.is_main_process else 0]
+    seed = broadcast_object_list(drawn)[0] if accelerator.num_processes > 1 else drawn[0]
+    logger.info("No --seed given; using seed %d (recorded in checkpoints).", seed)
+    return seed
+
+
+def tracker_config(args: argparse.Namespace) -> dict:
+    """Flags for the trackers: plain values only, and never the Hub token."""
+    return {
+        key: value if isinstance(value, (int, float, str, bool)) else str(value)
+        for key, value in vars(args).items()
+        if key != "hub_token"
+    }
+
+
+def train(args: argparse.Namespace) -> Path:
+    """Run the training `args` describe; return the output folder."""
+    output_dir = Path(args.output_dir)
+    accelerator = make_accelerator(args)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    checkpoint = resolve_checkpoint(output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
+    if args.resume_from_checkpoint == "latest" and checkpoint is None:
+        logger.info("No checkpoint in %s; starting a new run.", output_dir)
+    seed = resolve_seed(args, accelerator, checkpoint)
+
+    # Data first: bad images fail here, before minutes of model loading.
+    dataset = DreamBoothDataset(load_records(args), args, seed)
+    plan = StepPlan(
+        len(dataset),
+        args.train_batch_size,
+        args.gradient_accumulation_steps,
+        seed,
+        accelerator.num_processes,
+        accelerator.process_index,
+    )
+    total_steps = args.max_train_steps or args.num_train_epochs * plan.steps_per_epoch
+    num_epochs = math.ceil(total_steps / plan.steps_per_epoch)
+    text_encoder_stop = round(args.train_text_encoder_frac * total_steps) if args.train_text_encoder else 0
+
+    parts = load_sdxl(args)
+    add_lora_adapters(parts, args)
+    if args.gradient_checkpointing:
+        parts.unet.enable_gradient_checkpointing()
+        if args.train_text_encoder:
+            parts.text_encoder.gradient_checkpointing_enable()
+            parts.text_encoder_2.gradient_checkpointing_enable()
+    if args.enable_xformers_memory_efficient_attention:
+        parts.unet.enable_xformers_memory_efficient_attention()
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    weight_dtype = WEIGHT_DTYPES.get(accelerator.mixed_precision, torch.float32)
+    place_models(parts, accelerator.device, weight_dtype, vae_fp32=not args.pretrained_vae_model_name_or_path)
+    models = trained_models(parts, args)
+
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    text_params = [p for name, m in models.items() if name != "unet" for p in trainable_parameters(m)]
+    groups = parameter_groups(args, trainable_parameters(parts.unet), text_params)
+    optimizer = create_optimizer(args, groups)
+    lr_scheduler = create_lr_scheduler(args, optimizer, total_steps)
+
+    prepared = accelerator.prepare(*models.values(), optimizer)
+    wrapped = dict(zip(models, prepared[:-1], strict=True))
+    optimizer = prepared[-1]
+    encode_prompts = PromptEncoder(
+        [parts.tokenizer, parts.tokenizer_2],
+        [wrapped.get(n, getattr(parts, n)) for n in ("text_encoder", "text_encoder_2")],
+        args.clip_skip,
+    )
+
+    start_step = 0
+    if checkpoint is not None:
+        start_step = load_checkpoint(checkpoint, models, optimizer, lr_scheduler, accelerator.scaler).step
+        logger.info("Resumed from %s at step %d.", checkpoint, start_step)
+    if accelerator.is_main_process:
+        remove_partial_checkpoints(output_dir)
+        accelerator.init_trackers("dreambooth-lora-sd-xl", config=tracker_config(args))
+
+    logger.info(
+        "%d images x %d repeats, %d optimizer steps (%d per epoch, %d epochs), "
+        "batch %d x %d accumulation x %d processes",
+        len(dataset.records),
+        args.repeats,
+        total_steps,
+        plan.steps_per_epoch,
+        num_epochs,
+        args.train_batch_size,
+        args.gradient_accumulation_steps,
+        accelerator.num_processes,
+    )
+    progress = tqdm(total=total_steps, initial=start_step, desc="steps", disable=not accelerator.is_local_main_process)
+    for model in wrapped.values():
+        model.train()
+
+    for step, micro_batches in iterate_steps(dataset, plan, start_step, args.dataloader_num_workers):
+        if step >= total_steps:
+            break
+        generator = step_generator(seed, step, accelerator.process_index)
+        text_trainable = step < text_encoder_stop
+        step_loss = 0.0
+        for i, batch in enumerate(micro_batches):
+            # Only the last micro-batch of a step synchronises gradients across processes.
+            with contextlib.ExitStack() as stack:
+                if i < len(micro_batches) - 1:
+                    for model in wrapped.values():
+                        stack.enter_context(accelerator.no_sync(model))
+                loss = batch_loss(parts, wrapped["unet"], encode_prompts, batch, generator, args, text_trainable)
+                accelerator.backward(loss / len(micro_batches))
+            step_loss += loss.detach().item() / len(micro_batches)
+        if args.max_grad_norm > 0:
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            accelerator.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        done = step + 1
+        progress.update(1)
+        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
+        accelerator.log({"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=done)
+        if accelerator.is_main_process and done % args.checkpointing_steps == 0:
+            save_checkpoint(
+                output_dir,
+                done,
+                seed,
+                {name: accelerator.unwrap_model(m) for name, m in wrapped.items()},
+                optimizer,
+                lr_scheduler,
+                accelerator.scaler,
+                args.checkpoints_total_limit,
+            )
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        path = save_diffusers_lora(output_dir, {name: accelerator.unwrap_model(m) for name, m in wrapped.items()})
+        logger.info("Saved %s", path)
+    accelerator.end_training()
+    return output_dir
