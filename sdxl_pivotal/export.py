@@ -25,6 +25,7 @@ def atomic_folder(target: Path) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
         yield staging
+        _default_permissions(staging)
         if target.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, trash / target.name)
@@ -37,12 +38,22 @@ def atomic_folder(target: Path) -> Iterator[Path]:
             shutil.rmtree(staging)
 
 
+def _default_permissions(path: Path) -> None:
+    """Give `path` (and a folder's contents) the permissions of a normally created file: temporary files
+    are private (0600/0700), but outputs must be readable by the user's other tools and services."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~umask)
+
+
 def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's LoRA weights in diffusers' naming (PEFT's adapter name removed)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+    # save_embedding_layers=False: "auto" would look up the base model's config, over the network for Hub ids.
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model, save_embedding_layers=False))
 
 
 def save_diffusers_lora(folder: Path, models: dict[str, torch.nn.Module]) -> Path:
@@ -60,5 +71,6 @@ def save_diffusers_lora(folder: Path, models: dict[str, torch.nn.Module]) -> Pat
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".lora-", dir=folder) as staging:
         StableDiffusionXLPipeline.save_lora_weights(staging, **layers, **metadata, weight_name=LORA_WEIGHTS_NAME)
+        _default_permissions(Path(staging) / LORA_WEIGHTS_NAME)
         os.replace(Path(staging) / LORA_WEIGHTS_NAME, folder / LORA_WEIGHTS_NAME)
     return folder / LORA_WEIGHTS_NAME

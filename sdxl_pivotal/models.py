@@ -109,8 +109,13 @@ def place_models(parts: SDXLParts, device: torch.device, weight_dtype: torch.dty
     """
     from diffusers.training_utils import cast_training_params
 
-    parts.unet.to(device, dtype=weight_dtype)
-    parts.text_encoder.to(device, dtype=weight_dtype)
-    parts.text_encoder_2.to(device, dtype=weight_dtype)
-    parts.vae.to(device, dtype=torch.float32 if vae_fp32 else weight_dtype)
+    for model in (parts.unet, parts.text_encoder, parts.text_encoder_2):
+        _move(model, device, weight_dtype)
+    _move(parts.vae, device, torch.float32 if vae_fp32 else weight_dtype)
     cast_training_params([parts.unet, parts.text_encoder, parts.text_encoder_2], dtype=torch.float32)
+
+
+def _move(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    model.to(device)
+    if model.dtype != dtype:  # diffusers warns on every `.to(dtype)`, even a no-op one
+        model.to(dtype=dtype)

@@ -133,6 +133,7 @@ def train(args: argparse.Namespace) -> Path:
     text_encoder_stop = round(args.train_text_encoder_frac * total_steps) if args.train_text_encoder else 0
 
     parts = load_sdxl(args)
+    torch.manual_seed(seed)  # the LoRA down-projections start random: same seed, same start
     add_lora_adapters(parts, args)
     if args.gradient_checkpointing:
         parts.unet.enable_gradient_checkpointing()

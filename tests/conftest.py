@@ -1,0 +1,66 @@
+"""Shared fixtures: one tiny SDXL pipeline and one demo image set per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from sdxl_pivotal.tiny import save_tiny_sdxl
+
+    return save_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+@pytest.fixture(scope="session")
+def demo_images(tmp_path_factory) -> Path:
+    from sdxl_pivotal.tiny import write_demo_images
+
+    return write_demo_images(tmp_path_factory.mktemp("demo-images"))
+
+
+@pytest.fixture
+def run_training(tiny_model, demo_images):
+    """Train in-process on the tiny model: `run_training(output_dir, "--flag", "value", ...)`."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from sdxl_pivotal.args import parse_args
+    from sdxl_pivotal.train import train
+
+    def run(output_dir: Path, *extra: str) -> Path:
+        argv = [
+            "--pretrained_model_name_or_path",
+            str(tiny_model),
+            "--instance_data_dir",
+            str(demo_images),
+            "--instance_prompt",
+            "a photo of TOK toy",
+            "--output_dir",
+            str(output_dir),
+            "--resolution",
+            "64",
+            "--train_batch_size",
+            "2",
+            "--lr_warmup_steps",
+            "0",
+            "--report_to",
+            "none",
+            "--seed",
+            "0",
+            *extra,
+        ]
+        try:
+            return train(parse_args(argv))
+        finally:
+            # accelerate keeps process-wide singletons; reset them so runs are independent.
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
+
+    return run

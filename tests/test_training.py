@@ -1,0 +1,225 @@
+"""End-to-end training on the tiny SDXL (CPU): learning, determinism, exact resume, crash safety, and
+LoRA files that diffusers loads with the trained behaviour."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sdxl_pivotal import checkpoints as checkpoints_module
+from sdxl_pivotal import train as train_module
+from sdxl_pivotal.args import parse_args
+from sdxl_pivotal.checkpoints import PARAMS_FILE, complete_checkpoints
+from sdxl_pivotal.data import DreamBoothDataset, collate, load_records
+from sdxl_pivotal.models import SDXLParts, add_lora_adapters, load_sdxl
+from sdxl_pivotal.prompts import PromptEncoder
+from sdxl_pivotal.train import batch_loss
+
+
+class Interrupted(Exception):
+    """Stands for a crash or a killed job."""
+
+
+def lora_file(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "pytorch_lora_weights.safetensors")
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def pipeline_parts(model: Path):
+    from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(model)
+    scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+    parts = SDXLParts(
+        pipe.tokenizer, pipe.tokenizer_2, pipe.text_encoder, pipe.text_encoder_2, pipe.vae, pipe.unet, scheduler
+    )
+    return pipe, parts
+
+
+def base_args(model: Path, images: Path, output_dir: Path, *extra: str):
+    return parse_args(
+        [
+            *("--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(images)),
+            *("--instance_prompt", "a photo of TOK toy", "--output_dir", str(output_dir), "--resolution", "64"),
+            *extra,
+        ]
+    )
+
+
+def eval_loss(parts: SDXLParts, args, draws: int = 8) -> float:
+    """Loss over all training images with fixed noise and timesteps (one fixed generator)."""
+    dataset = DreamBoothDataset(load_records(args), args, seed=0)
+    batch = collate([dataset[(0, i)] for i in range(len(dataset))])
+    encoder = PromptEncoder([parts.tokenizer, parts.tokenizer_2], [parts.text_encoder, parts.text_encoder_2], None)
+    generator = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        return sum(batch_loss(parts, parts.unet, encoder, batch, generator, args).item() for _ in range(draws)) / draws
+
+
+def test_training_changes_lora_and_lowers_loss(run_training, tiny_model, demo_images, tmp_path):
+    out = run_training(tmp_path / "run", "--max_train_steps", "40", "--learning_rate", "1e-2", "--rank", "8")
+    ups = [w for key, w in lora_file(out).items() if ".lora.up." in key]
+    assert ups and all(w.abs().max() > 0 for w in ups), "LoRA up-projections start at zero and must move"
+
+    pipe, parts = pipeline_parts(tiny_model)
+    args = base_args(tiny_model, demo_images, tmp_path / "eval")
+    before = eval_loss(parts, args)
+    pipe.load_lora_weights(out)
+    after = eval_loss(parts, args)
+    assert after < 0.98 * before, (before, after)
+
+
+def test_same_seed_gives_same_weights(run_training, tmp_path):
+    flags = ("--max_train_steps", "3", "--lora_dropout", "0.1", "--random_flip")
+    assert_same_tensors(
+        lora_file(run_training(tmp_path / "a", *flags)), lora_file(run_training(tmp_path / "b", *flags))
+    )
+    other = lora_file(run_training(tmp_path / "c", *flags[:-1], "--seed", "1"))
+    assert any(not torch.equal(w, lora_file(tmp_path / "a")[k]) for k, w in other.items())
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "prodigy"])
+def test_resume_after_interruption_is_exact(run_training, tmp_path, monkeypatch, optimizer):
+    """Stop right after checkpoint-3 of a 6-step run, resume with "latest": the same weights as without the stop.
+
+    Every source of randomness is on: shuffling, random crops and flips, dropout, offset noise, a
+    decaying schedule, gradient accumulation.
+    """
+    flags = [
+        *("--max_train_steps", "6", "--checkpointing_steps", "3", "--optimizer", optimizer),
+        *("--learning_rate", "1.0" if optimizer == "prodigy" else "1e-3", "--lr_scheduler", "cosine"),
+        *("--gradient_accumulation_steps", "2", "--train_batch_size", "1", "--random_flip", "--lora_dropout", "0.1"),
+        *("--noise_offset", "0.1", "--snr_gamma", "5"),
+    ]
+    uninterrupted = run_training(tmp_path / "full", *flags)
+
+    real_save = train_module.save_checkpoint
+
+    def save_then_crash(*args, **kwargs):
+        path = real_save(*args, **kwargs)
+        raise Interrupted(path)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
+    with pytest.raises(Interrupted):
+        run_training(tmp_path / "resumed", *flags)
+    monkeypatch.undo()
+    assert [p.name for p in complete_checkpoints(tmp_path / "resumed")] == ["checkpoint-3"]
+    assert_same_tensors(
+        lora_file(tmp_path / "resumed" / "checkpoint-3"), lora_file(tmp_path / "full" / "checkpoint-3")
+    )
+
+    run_training(tmp_path / "resumed", *flags, "--resume_from_checkpoint", "latest")
+    assert_same_tensors(lora_file(tmp_path / "resumed"), lora_file(uninterrupted))
+    assert_same_tensors(
+        load_file(tmp_path / "resumed" / "checkpoint-6" / PARAMS_FILE),
+        load_file(tmp_path / "full" / "checkpoint-6" / PARAMS_FILE),
+    )
+
+
+def test_crash_while_writing_checkpoint_leaves_none(run_training, tmp_path, monkeypatch):
+    real_save_file = checkpoints_module.save_file
+
+    def fail_on_optimizer(tensors, path, *args, **kwargs):
+        if Path(path).name == checkpoints_module.OPTIMIZER_FILE:
+            raise Interrupted("disk full")
+        return real_save_file(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints_module, "save_file", fail_on_optimizer)
+    with pytest.raises(Interrupted):
+        run_training(tmp_path / "run", "--max_train_steps", "2", "--checkpointing_steps", "1")
+    leftovers = [p.name for p in (tmp_path / "run").iterdir() if "checkpoint" in p.name]
+    assert leftovers == [], "a checkpoint that failed to write must not exist, not even half of it"
+
+    # A half-written folder (e.g. from a killed process) is never chosen by "latest".
+    (tmp_path / "run" / "checkpoint-9").mkdir()
+    assert complete_checkpoints(tmp_path / "run") == []
+
+
+def test_checkpoints_total_limit_keeps_newest(run_training, tmp_path):
+    out = run_training(
+        tmp_path / "run", "--max_train_steps", "6", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2"
+    )
+    assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-4", "checkpoint-6"]
+    state = json.loads((out / "checkpoint-6" / "training_state.json").read_text())
+    assert state["step"] == 6 and state["seed"] == 0
+    # Each checkpoint holds the LoRA in the final output's format.
+    assert lora_file(out / "checkpoint-6").keys() == lora_file(out).keys()
+
+
+def test_lora_file_loads_in_diffusers_with_trained_behaviour(run_training, tiny_model, demo_images, tmp_path):
+    """alpha != rank and text-encoder LoRA: diffusers' load_lora_weights must reproduce the trained model."""
+    flags = ("--max_train_steps", "3", "--learning_rate", "1e-2", "--rank", "4", "--lora_alpha", "16")
+    out = run_training(
+        tmp_path / "run", *flags, "--train_text_encoder", "--text_encoder_lr", "1e-2", "--checkpointing_steps", "3"
+    )
+    keys = lora_file(out).keys()
+    assert {k.split(".")[0] for k in keys} == {"unet", "text_encoder", "text_encoder_2"}
+
+    # The trained model, rebuilt from the checkpoint's exact parameters.
+    args = base_args(tiny_model, demo_images, tmp_path / "x", *flags, "--train_text_encoder")
+    trained = load_sdxl(args)
+    add_lora_adapters(trained, args)
+    saved = load_file(out / "checkpoint-3" / PARAMS_FILE)
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        model = getattr(trained, name)
+        missing = model.load_state_dict(
+            {k.split(".", 1)[1]: v for k, v in saved.items() if k.startswith(name + ".")}, strict=False
+        )
+        assert not missing.unexpected_keys
+
+    pipe, _ = pipeline_parts(tiny_model)
+    ids = pipe.tokenizer(["a photo of TOK toy"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = dict(
+        encoder_hidden_states=torch.randn(1, 77, 64),
+        added_cond_kwargs={"text_embeds": torch.randn(1, 32), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])},
+    )
+    with torch.no_grad():
+        base_unet = pipe.unet(latents, 500, **cond).sample
+        base_text = pipe.text_encoder(ids).last_hidden_state
+        pipe.load_lora_weights(out)
+        loaded_unet = pipe.unet(latents, 500, **cond).sample
+        loaded_text = pipe.text_encoder(ids).last_hidden_state
+        loaded_text_2 = pipe.text_encoder_2(ids).text_embeds
+        expected_unet = trained.unet(latents, 500, **cond).sample
+        expected_text = trained.text_encoder(ids).last_hidden_state
+        expected_text_2 = trained.text_encoder_2(ids).text_embeds
+    assert not torch.allclose(loaded_unet, base_unet, atol=1e-4), "the LoRA must change the UNet's output"
+    assert not torch.allclose(loaded_text, base_text, atol=1e-4)
+    torch.testing.assert_close(loaded_unet, expected_unet, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loaded_text, expected_text, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loaded_text_2, expected_text_2, rtol=1e-5, atol=1e-5)
+
+
+def test_text_encoder_lora_stops_at_its_fraction(run_training, tmp_path):
+    """--train_text_encoder_frac 0.5 of 4 steps: text-encoder LoRA changes in steps 1-2, never after."""
+    out = run_training(
+        tmp_path / "run",
+        *(
+            "--max_train_steps",
+            "4",
+            "--checkpointing_steps",
+            "1",
+            "--train_text_encoder",
+            "--train_text_encoder_frac",
+            "0.5",
+        ),
+        *("--text_encoder_lr", "1e-2", "--adam_weight_decay_text_encoder", "0.1"),
+    )
+    states = [load_file(out / f"checkpoint-{n}" / PARAMS_FILE) for n in (1, 2, 3, 4)]
+    text_keys = [k for k in states[0] if k.startswith("text_encoder") and "lora_B" in k]
+    unet_keys = [k for k in states[0] if k.startswith("unet") and "lora_B" in k]
+    assert text_keys and unet_keys
+    assert any(not torch.equal(states[0][k], states[1][k]) for k in text_keys), "trained before the pivot"
+    for later in states[2:]:
+        assert all(torch.equal(states[1][k], later[k]) for k in text_keys), "frozen after the pivot"
+        assert any(not torch.equal(states[1][k], later[k]) for k in unet_keys), "the UNet keeps training"
