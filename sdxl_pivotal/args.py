@@ -189,6 +189,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Reject bad or contradictory flags before any model or data is loaded. Raises ValueError."""
+    # Contradictions first: they stay errors once the not-yet features exist, so they are the real problem.
+    if args.use_blora and args.lora_unet_blocks:
+        raise ValueError("--use_blora fixes the UNet blocks itself; do not also pass --lora_unet_blocks.")
+    if args.train_text_encoder and args.train_text_encoder_ti:
+        raise ValueError(
+            "Use either --train_text_encoder (LoRA) or --train_text_encoder_ti (pivotal tuning), not both."
+        )
     for flag, feature in NOT_YET.items():
         if getattr(args, flag):
             raise ValueError(
@@ -201,12 +208,10 @@ def validate_args(args: argparse.Namespace) -> None:
 
     if args.resolution <= 0 or args.resolution % 8:
         raise ValueError(f"--resolution must be a positive multiple of 8 (the VAE's scale), got {args.resolution}.")
-    if args.use_blora and args.lora_unet_blocks:
-        raise ValueError("--use_blora fixes the UNet blocks itself; do not also pass --lora_unet_blocks.")
-    if args.train_text_encoder and args.train_text_encoder_ti:
-        raise ValueError(
-            "Use either --train_text_encoder (LoRA) or --train_text_encoder_ti (pivotal tuning), not both."
-        )
+    if args.seed is not None and not 0 <= args.seed < 2**32:
+        # numpy's and the data order's seeding need a non-negative 32-bit seed; a bad one would only fail
+        # at the first training step, after the models have loaded.
+        raise ValueError(f"--seed must be in [0, 2**32 - 1], got {args.seed}.")
     for flag in ("rank", "repeats", "train_batch_size", "gradient_accumulation_steps", "num_train_epochs"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
@@ -261,6 +266,9 @@ def _validate_output_dir(args: argparse.Namespace) -> None:
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output_dir {out} is a file; pass a folder path.")
+    blocking = next((p for p in out.absolute().parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"--output_dir {out} cannot be created: {blocking} is a file. Pass another folder path.")
     if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
         checkpoint = Path(args.resume_from_checkpoint)
         if not checkpoint.is_absolute() and not checkpoint.exists():

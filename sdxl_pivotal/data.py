@@ -10,6 +10,7 @@ and a resumed run sees exactly the batches the uninterrupted run would have seen
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import math
 from dataclasses import dataclass
@@ -55,16 +56,17 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def open_image(path: Path) -> Image.Image:
+def open_image(path: Path | io.BytesIO, name: str | None = None) -> Image.Image:
     """Open and fully decode an image file as RGB; a file that cannot be read raises naming the file."""
+    name = name or str(path)
     try:
         with Image.open(path) as image:
             image.load()
             rgb = to_rgb(image)
     except Exception as error:  # PIL raises many types: UnidentifiedImageError, OSError, SyntaxError...
-        raise ValueError(f"Cannot read image {path}: {error}. Fix or remove the file.") from error
+        raise ValueError(f"Cannot read image {name}: {error}. Fix or remove the file.") from error
     if rgb.width == 0 or rgb.height == 0:
-        raise ValueError(f"Image {path} is empty (0 pixels). Remove the file.")
+        raise ValueError(f"Image {name} is empty (0 pixels). Remove the file.")
     return rgb
 
 
@@ -86,6 +88,8 @@ class ImageRecord:
 
 def records_from_folder(folder: Path, instance_prompt: str) -> list[ImageRecord]:
     """Every image file in `folder` (sorted by name); each is decoded once here to fail early."""
+    if not folder.is_dir():
+        raise ValueError(f"--instance_data_dir {folder} is not a folder (missing, or a file); pass the image folder.")
     extensions = image_extensions()
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     images = [p for p in files if p.suffix.lower() in extensions]
@@ -101,6 +105,7 @@ def records_from_folder(folder: Path, instance_prompt: str) -> list[ImageRecord]
 
 def records_from_dataset(args: argparse.Namespace) -> list[ImageRecord]:
     """Rows of a datasets ImageFolder (local path) or Hub dataset, with captions from `--caption_column`."""
+    from datasets import Image as ImageFeature
     from datasets import load_dataset
 
     dataset = load_dataset(
@@ -115,17 +120,29 @@ def records_from_dataset(args: argparse.Namespace) -> list[ImageRecord]:
             )
     if len(dataset) == 0:
         raise ValueError(f"Dataset {args.dataset_name} has no rows.")
+    if isinstance(dataset.features[args.image_column], ImageFeature):
+        # Decode here rather than inside datasets, so a bad file fails now and the error names it.
+        dataset = dataset.cast_column(args.image_column, ImageFeature(decode=False))
     records = []
     for i, row in enumerate(dataset):
-        image = row[args.image_column]
-        if not isinstance(image, Image.Image):
-            raise ValueError(f"Row {i} of column {args.image_column!r} is not an image ({type(image).__name__}).")
+        image = _dataset_image(row[args.image_column], i, args.image_column)
         caption = row[args.caption_column] if args.caption_column else args.instance_prompt
         if not isinstance(caption, str) or not caption.strip():
             logger.warning("Row %d has no caption; using --instance_prompt.", i)
             caption = args.instance_prompt
         records.append(ImageRecord(caption=caption, image=image))
     return records
+
+
+def _dataset_image(value: object, row: int, column: str) -> Image.Image:
+    """A dataset cell (an undecoded `{"bytes", "path"}` image or a PIL image) as a checked RGB image."""
+    if isinstance(value, Image.Image):
+        return to_rgb(value)
+    if isinstance(value, dict) and (value.get("bytes") or value.get("path")):
+        name = f"{value.get('path') or 'in the dataset'} (row {row} of column {column!r})"
+        source = io.BytesIO(value["bytes"]) if value.get("bytes") else Path(value["path"])
+        return open_image(source, name)
+    raise ValueError(f"Row {row} of column {column!r} is not an image ({type(value).__name__}).")
 
 
 def load_records(args: argparse.Namespace) -> list[ImageRecord]:
