@@ -9,15 +9,18 @@ The flags are those of diffusers' advanced script (see README.md); the work happ
 import sys
 
 from sdxl_pivotal.args import parse_args
-from sdxl_pivotal.train import train
+from sdxl_pivotal.errors import InputError
 
 
 def main() -> None:
     try:
         args = parse_args()
-    except ValueError as error:
+        # Imported after the flags are checked, so a bad command line fails before torch/diffusers load.
+        from sdxl_pivotal.train import train
+
+        train(args)
+    except InputError as error:
         sys.exit(f"error: {error}")
-    train(args)
 
 
 if __name__ == "__main__":

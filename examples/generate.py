@@ -15,7 +15,9 @@ from diffusers import StableDiffusionXLPipeline
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="base SDXL pipeline (Hub id or folder)")
-    parser.add_argument("--lora", required=True, help="training output folder (holds pytorch_lora_weights.safetensors)")
+    parser.add_argument(
+        "--lora", required=True, help="training output folder (with pytorch_lora_weights.safetensors)"
+    )
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--output", default="sample.png")
     parser.add_argument("--steps", type=int, default=25)

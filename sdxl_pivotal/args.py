@@ -13,6 +13,8 @@ import re
 import warnings
 from pathlib import Path
 
+from .errors import InputError
+
 # Features of the reference script that later versions of this project implement. Their flags are
 # accepted (so existing command lines parse), but asking for the feature stops the run at once.
 NOT_YET = {
@@ -191,14 +193,14 @@ def validate_args(args: argparse.Namespace) -> None:
     """Reject bad or contradictory flags before any model or data is loaded. Raises ValueError."""
     # Contradictions first: they stay errors once the not-yet features exist, so they are the real problem.
     if args.use_blora and args.lora_unet_blocks:
-        raise ValueError("--use_blora fixes the UNet blocks itself; do not also pass --lora_unet_blocks.")
+        raise InputError("--use_blora fixes the UNet blocks itself; do not also pass --lora_unet_blocks.")
     if args.train_text_encoder and args.train_text_encoder_ti:
-        raise ValueError(
+        raise InputError(
             "Use either --train_text_encoder (LoRA) or --train_text_encoder_ti (pivotal tuning), not both."
         )
     for flag, feature in NOT_YET.items():
         if getattr(args, flag):
-            raise ValueError(
+            raise InputError(
                 f"--{flag} asks for {feature}, which this version of the trainer does not implement yet. "
                 f"Remove --{flag} to train without it."
             )
@@ -207,31 +209,31 @@ def validate_args(args: argparse.Namespace) -> None:
     _validate_output_dir(args)
 
     if args.resolution <= 0 or args.resolution % 8:
-        raise ValueError(f"--resolution must be a positive multiple of 8 (the VAE's scale), got {args.resolution}.")
+        raise InputError(f"--resolution must be a positive multiple of 8 (the VAE's scale), got {args.resolution}.")
     if args.seed is not None and not 0 <= args.seed < 2**32:
         # numpy's and the data order's seeding need a non-negative 32-bit seed; a bad one would only fail
         # at the first training step, after the models have loaded.
-        raise ValueError(f"--seed must be in [0, 2**32 - 1], got {args.seed}.")
+        raise InputError(f"--seed must be in [0, 2**32 - 1], got {args.seed}.")
     for flag in ("rank", "repeats", "train_batch_size", "gradient_accumulation_steps", "num_train_epochs"):
         if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
+            raise InputError(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
     if args.max_train_steps is not None and args.max_train_steps < 1:
-        raise ValueError(f"--max_train_steps must be at least 1, got {args.max_train_steps}.")
+        raise InputError(f"--max_train_steps must be at least 1, got {args.max_train_steps}.")
     if args.checkpointing_steps < 1:
-        raise ValueError(f"--checkpointing_steps must be at least 1, got {args.checkpointing_steps}.")
+        raise InputError(f"--checkpointing_steps must be at least 1, got {args.checkpointing_steps}.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        raise ValueError(f"--checkpoints_total_limit must be at least 1, got {args.checkpoints_total_limit}.")
+        raise InputError(f"--checkpoints_total_limit must be at least 1, got {args.checkpoints_total_limit}.")
     for flag in ("train_text_encoder_frac", "train_text_encoder_ti_frac"):
         if not 0.0 < getattr(args, flag) <= 1.0:
-            raise ValueError(f"--{flag} must be in (0, 1], got {getattr(args, flag)}.")
+            raise InputError(f"--{flag} must be in (0, 1], got {getattr(args, flag)}.")
     if args.snr_gamma is not None and args.snr_gamma <= 0:
-        raise ValueError(f"--snr_gamma must be positive (5.0 is the usual value), got {args.snr_gamma}.")
+        raise InputError(f"--snr_gamma must be positive (5.0 is the usual value), got {args.snr_gamma}.")
     if not 0.0 <= args.lora_dropout < 1.0:
-        raise ValueError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}.")
+        raise InputError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}.")
     if args.clip_skip is not None and args.clip_skip < 0:
-        raise ValueError(f"--clip_skip must be 0 or more, got {args.clip_skip}.")
+        raise InputError(f"--clip_skip must be 0 or more, got {args.clip_skip}.")
     if args.dataloader_num_workers < 0:
-        raise ValueError(f"--dataloader_num_workers must be 0 or more, got {args.dataloader_num_workers}.")
+        raise InputError(f"--dataloader_num_workers must be 0 or more, got {args.dataloader_num_workers}.")
     if args.lora_unet_blocks is not None:
         parse_unet_blocks(args.lora_unet_blocks)
 
@@ -249,38 +251,38 @@ def validate_args(args: argparse.Namespace) -> None:
 
 def _validate_data_source(args: argparse.Namespace) -> None:
     if args.dataset_name and args.instance_data_dir:
-        raise ValueError("Pass either --dataset_name or --instance_data_dir, not both.")
+        raise InputError("Pass either --dataset_name or --instance_data_dir, not both.")
     if not args.dataset_name and not args.instance_data_dir:
-        raise ValueError("No training images: pass --instance_data_dir FOLDER or --dataset_name NAME_OR_FOLDER.")
+        raise InputError("No training images: pass --instance_data_dir FOLDER or --dataset_name NAME_OR_FOLDER.")
     if args.instance_data_dir:
         folder = Path(args.instance_data_dir)
         if not folder.exists():
-            raise ValueError(f"--instance_data_dir {folder} does not exist.")
+            raise InputError(f"--instance_data_dir {folder} does not exist.")
         if not folder.is_dir():
-            raise ValueError(f"--instance_data_dir {folder} is a file; pass the folder that holds the images.")
+            raise InputError(f"--instance_data_dir {folder} is a file; pass the folder that holds the images.")
     if args.caption_column and not args.dataset_name:
-        raise ValueError("--caption_column applies to --dataset_name; a plain --instance_data_dir has no columns.")
+        raise InputError("--caption_column applies to --dataset_name; a plain --instance_data_dir has no columns.")
 
 
 def _validate_output_dir(args: argparse.Namespace) -> None:
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--output_dir {out} is a file; pass a folder path.")
+        raise InputError(f"--output_dir {out} is a file; pass a folder path.")
     blocking = next((p for p in out.absolute().parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
-        raise ValueError(f"--output_dir {out} cannot be created: {blocking} is a file. Pass another folder path.")
+        raise InputError(f"--output_dir {out} cannot be created: {blocking} is a file. Pass another folder path.")
     if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
         checkpoint = Path(args.resume_from_checkpoint)
         if not checkpoint.is_absolute() and not checkpoint.exists():
             checkpoint = out / checkpoint
         if not checkpoint.is_dir():
-            raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder.")
+            raise InputError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder.")
     if args.resume_from_checkpoint or args.overwrite_output_dir or not out.is_dir():
         return
     earlier = [name for name in OUTPUT_MARKERS if (out / name).exists()]
     earlier += sorted(p.name for p in out.glob("checkpoint-*"))
     if earlier:
-        raise ValueError(
+        raise InputError(
             f"--output_dir {out} holds an earlier run ({', '.join(earlier[:3])}). Pass --resume_from_checkpoint "
             "latest to continue it, --overwrite_output_dir to replace it, or choose another --output_dir."
         )
@@ -297,7 +299,7 @@ def parse_unet_blocks(spec: str) -> list[str]:
     for item in "".join(spec.split()).split(","):
         name = item.removeprefix("unet.")
         if not _BLOCK_PATTERN.match(name):
-            raise ValueError(
+            raise InputError(
                 f"--lora_unet_blocks: {item!r} is not a UNet attention block; use names such as "
                 "unet.down_blocks.2.attentions.0, unet.mid_block.attentions.0 or unet.up_blocks.0.attentions.1."
             )

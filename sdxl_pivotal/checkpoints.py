@@ -1,7 +1,8 @@
 """Save and restore the complete training state: `checkpoint-N/` folders that are complete or absent.
 
 A checkpoint holds
-- `pytorch_lora_weights.safetensors`: the LoRA at step N, in the final output's format (usable as-is);
+- the output files at step N, with the final output's names and formats (usable as-is): the LoRA
+  `pytorch_lora_weights.safetensors` and, with pivotal tuning, `<name>_emb.safetensors`;
 - `trainable_state.safetensors`: every trainable parameter, by name, exactly as in memory;
 - `optimizer.safetensors`: the optimizer's tensors (moments, Prodigy's estimates, ...);
 - `training_state.json`: the step, the seed, the optimizer's and schedulers' plain values. Written last.
@@ -16,13 +17,15 @@ import json
 import logging
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .export import atomic_folder, save_diffusers_lora
+from .errors import InputError
+from .export import atomic_folder
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +62,7 @@ def resolve_checkpoint(output_dir: Path, spec: str) -> Path | None:
     if not path.exists():
         path = output_dir / spec
     if not (path / STATE_FILE).is_file():
-        raise ValueError(f"{path} is not a complete checkpoint (no {STATE_FILE}); pick another or start afresh.")
+        raise InputError(f"{path} is not a complete checkpoint (no {STATE_FILE}); pick another or start afresh.")
     return path
 
 
@@ -100,13 +103,17 @@ def save_checkpoint(
     models: dict[str, torch.nn.Module],
     optimizer: torch.optim.Optimizer,
     lr_scheduler,
+    write_outputs: Callable[[Path], None],
     grad_scaler=None,
     total_limit: int | None = None,
 ) -> Path:
-    """Write `output_dir/checkpoint-{step}` atomically, then drop the oldest beyond `total_limit`."""
+    """Write `output_dir/checkpoint-{step}` atomically, then drop the oldest beyond `total_limit`.
+
+    `write_outputs(folder)` writes the user-facing files (LoRA, embeddings) as for the final output.
+    """
     target = output_dir / f"checkpoint-{step}"
     with atomic_folder(target) as staging:
-        save_diffusers_lora(staging, {k: v for k, v in models.items() if hasattr(v, "peft_config")})
+        write_outputs(staging)
         params = _trainable_named_parameters(models)
         save_file({k: p.detach().contiguous() for k, p in params.items()}, staging / PARAMS_FILE)
         optimizer_tensors, optimizer_plain = _split_optimizer_state(optimizer.state_dict())
@@ -143,7 +150,7 @@ def load_checkpoint(
     saved = load_file(checkpoint / PARAMS_FILE)
     params = _trainable_named_parameters(models)
     if set(saved) != set(params) or any(saved[k].shape != p.shape for k, p in params.items()):
-        raise ValueError(
+        raise InputError(
             f"{checkpoint} was made with other LoRA settings (rank, targets or text-encoder training) than "
             "this run. Resume with the flags of the original run, or start a new --output_dir."
         )

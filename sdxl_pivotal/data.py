@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .errors import InputError
+
 logger = logging.getLogger(__name__)
 
 _PIL_FILTERS = {
@@ -64,9 +66,9 @@ def open_image(path: Path | io.BytesIO, name: str | None = None) -> Image.Image:
             image.load()
             rgb = to_rgb(image)
     except Exception as error:  # PIL raises many types: UnidentifiedImageError, OSError, SyntaxError...
-        raise ValueError(f"Cannot read image {name}: {error}. Fix or remove the file.") from error
+        raise InputError(f"Cannot read image {name}: {error}. Fix or remove the file.") from error
     if rgb.width == 0 or rgb.height == 0:
-        raise ValueError(f"Image {name} is empty (0 pixels). Remove the file.")
+        raise InputError(f"Image {name} is empty (0 pixels). Remove the file.")
     return rgb
 
 
@@ -89,7 +91,7 @@ class ImageRecord:
 def records_from_folder(folder: Path, instance_prompt: str) -> list[ImageRecord]:
     """Every image file in `folder` (sorted by name); each is decoded once here to fail early."""
     if not folder.is_dir():
-        raise ValueError(f"--instance_data_dir {folder} is not a folder (missing, or a file); pass the image folder.")
+        raise InputError(f"--instance_data_dir {folder} is not a folder (missing, or a file); pass the image folder.")
     extensions = image_extensions()
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     images = [p for p in files if p.suffix.lower() in extensions]
@@ -97,7 +99,7 @@ def records_from_folder(folder: Path, instance_prompt: str) -> list[ImageRecord]
     if others:
         logger.warning("Ignoring %d non-image file(s) in %s: %s", len(others), folder, ", ".join(others[:10]))
     if not images:
-        raise ValueError(f"--instance_data_dir {folder} holds no images ({', '.join(sorted(extensions)[:8])}, ...).")
+        raise InputError(f"--instance_data_dir {folder} holds no images ({', '.join(sorted(extensions)[:8])}, ...).")
     for path in images:
         open_image(path)
     return [ImageRecord(caption=instance_prompt, path=path) for path in images]
@@ -115,11 +117,11 @@ def records_from_dataset(args: argparse.Namespace) -> list[ImageRecord]:
     for flag in ("image_column", "caption_column"):
         column = getattr(args, flag)
         if column is not None and column not in columns:
-            raise ValueError(
+            raise InputError(
                 f"--{flag} {column!r} is not a column of {args.dataset_name}; its columns are: {', '.join(columns)}."
             )
     if len(dataset) == 0:
-        raise ValueError(f"Dataset {args.dataset_name} has no rows.")
+        raise InputError(f"Dataset {args.dataset_name} has no rows.")
     if isinstance(dataset.features[args.image_column], ImageFeature):
         # Decode here rather than inside datasets, so a bad file fails now and the error names it.
         dataset = dataset.cast_column(args.image_column, ImageFeature(decode=False))
@@ -142,7 +144,7 @@ def _dataset_image(value: object, row: int, column: str) -> Image.Image:
         name = f"{value.get('path') or 'in the dataset'} (row {row} of column {column!r})"
         source = io.BytesIO(value["bytes"]) if value.get("bytes") else Path(value["path"])
         return open_image(source, name)
-    raise ValueError(f"Row {row} of column {column!r} is not an image ({type(value).__name__}).")
+    raise InputError(f"Row {row} of column {column!r} is not an image ({type(value).__name__}).")
 
 
 def load_records(args: argparse.Namespace) -> list[ImageRecord]:

@@ -18,6 +18,15 @@ import torch
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
 
+def output_name(output_dir: str | Path) -> str:
+    """The run's name for its files: the output folder's last component ("runs/tok-dog" -> "tok-dog")."""
+    return Path(output_dir).resolve().name
+
+
+def embeddings_file_name(output_dir: str | Path) -> str:
+    return f"{output_name(output_dir)}_emb.safetensors"
+
+
 @contextlib.contextmanager
 def atomic_folder(target: Path) -> Iterator[Path]:
     """Yield a fresh temporary folder beside `target`; on success it replaces `target` in one rename."""
@@ -74,3 +83,25 @@ def save_diffusers_lora(folder: Path, models: dict[str, torch.nn.Module]) -> Pat
         _default_permissions(Path(staging) / LORA_WEIGHTS_NAME)
         os.replace(Path(staging) / LORA_WEIGHTS_NAME, folder / LORA_WEIGHTS_NAME)
     return folder / LORA_WEIGHTS_NAME
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
+    """`safetensors.torch.save_file`, atomically."""
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory(prefix=".write-", dir=path.parent) as staging:
+        temporary = Path(staging) / path.name
+        save_file(tensors, temporary, metadata=metadata)
+        _default_permissions(temporary)
+        os.replace(temporary, path)
+    return path
+
+
+def save_text(text: str, path: Path) -> Path:
+    """Write a text file atomically."""
+    with tempfile.TemporaryDirectory(prefix=".write-", dir=path.parent) as staging:
+        temporary = Path(staging) / path.name
+        temporary.write_text(text, encoding="utf-8")
+        _default_permissions(temporary)
+        os.replace(temporary, path)
+    return path

@@ -10,6 +10,7 @@ import torch
 from peft import LoraConfig
 
 from .args import parse_unet_blocks
+from .errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def unet_lora_targets(unet: torch.nn.Module, blocks_spec: str | None) -> list[st
         in_block = [n for n in module_names if n.startswith(block + ".") and n.endswith(projections)]
         if not in_block:
             available = sorted({".".join(n.split(".")[:4]) for n in module_names if ".attentions." in n})
-            raise ValueError(
+            raise InputError(
                 f"--lora_unet_blocks: this UNet has no attention block {block!r}. Blocks it has: "
                 + ", ".join("unet." + a for a in available if a.count(".") == 3)
             )
@@ -97,7 +98,7 @@ def add_lora_adapters(parts: SDXLParts, args: argparse.Namespace) -> None:
 def trained_models(parts: SDXLParts, args: argparse.Namespace) -> dict[str, torch.nn.Module]:
     """The models that hold trainable parameters, by the names diffusers' LoRA files use."""
     models = {"unet": parts.unet}
-    if args.train_text_encoder:
+    if args.train_text_encoder or args.train_text_encoder_ti:
         models.update(text_encoder=parts.text_encoder, text_encoder_2=parts.text_encoder_2)
     return models
 

@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +16,15 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, broadcast_object_list
 from tqdm.auto import tqdm
 
+from .card import write_model_card
 from .checkpoints import load_checkpoint, remove_partial_checkpoints, resolve_checkpoint, save_checkpoint
 from .data import Batch, DreamBoothDataset, StepPlan, iterate_steps, load_records
-from .export import save_diffusers_lora
+from .export import embeddings_file_name, save_diffusers_lora, save_safetensors
 from .losses import diffusion_loss, min_snr_weights, sample_noise, sample_timesteps, training_target
 from .models import SDXLParts, add_lora_adapters, load_sdxl, place_models, trained_models
 from .optim import create_lr_scheduler, create_optimizer, parameter_groups, trainable_parameters
 from .prompts import PromptEncoder
+from .tokens import PivotalTokens, add_new_tokens, embeddings_state
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +111,29 @@ def tracker_config(args: argparse.Namespace) -> dict:
     }
 
 
+def text_training_stop(args: argparse.Namespace, total_steps: int) -> int:
+    """Optimizer steps during which text-encoder parameters (new embeddings or LoRA) are trained: the
+    first round(frac x total). After it they are frozen, the encoders run without gradients, and each
+    distinct caption is encoded once."""
+    if args.train_text_encoder_ti:
+        return round(args.train_text_encoder_ti_frac * total_steps)
+    if args.train_text_encoder:
+        return round(args.train_text_encoder_frac * total_steps)
+    return 0
+
+
+def output_writer(output_dir: Path, models: dict[str, torch.nn.Module], tokens: PivotalTokens | None):
+    """A function writing the run's user-facing files into a folder (the output folder or a checkpoint)."""
+
+    def write_outputs(folder: Path) -> None:
+        save_diffusers_lora(folder, {name: m for name, m in models.items() if hasattr(m, "peft_config")})
+        if tokens is not None:
+            encoders = [models["text_encoder"], models["text_encoder_2"]]
+            save_safetensors(embeddings_state(encoders), folder / embeddings_file_name(output_dir))
+
+    return write_outputs
+
+
 def train(args: argparse.Namespace) -> Path:
     """Run the training `args` describe; return the output folder."""
     output_dir = Path(args.output_dir)
@@ -119,7 +145,14 @@ def train(args: argparse.Namespace) -> Path:
     seed = resolve_seed(args, accelerator, checkpoint)
 
     # Data first: bad images fail here, before minutes of model loading.
-    dataset = DreamBoothDataset(load_records(args), args, seed)
+    records = load_records(args)
+    tokens = None
+    if args.train_text_encoder_ti:
+        tokens = PivotalTokens.from_flags(args.token_abstraction, args.num_new_tokens_per_abstraction)
+        tokens.warn_if_unused([record.caption for record in records])
+        records = [replace(record, caption=tokens.substitute(record.caption)) for record in records]
+        logger.info("Pivotal tuning: %s", tokens.by_abstraction)
+    dataset = DreamBoothDataset(records, args, seed)
     plan = StepPlan(
         len(dataset),
         args.train_batch_size,
@@ -130,14 +163,17 @@ def train(args: argparse.Namespace) -> Path:
     )
     total_steps = args.max_train_steps or args.num_train_epochs * plan.steps_per_epoch
     num_epochs = math.ceil(total_steps / plan.steps_per_epoch)
-    text_encoder_stop = round(args.train_text_encoder_frac * total_steps) if args.train_text_encoder else 0
+    text_encoder_stop = text_training_stop(args, total_steps)
 
     parts = load_sdxl(args)
     torch.manual_seed(seed)  # the LoRA down-projections start random: same seed, same start
     add_lora_adapters(parts, args)
+    if tokens is not None:
+        encoders = [parts.text_encoder, parts.text_encoder_2]
+        add_new_tokens([parts.tokenizer, parts.tokenizer_2], encoders, tokens, args.initializer_token)
     if args.gradient_checkpointing:
         parts.unet.enable_gradient_checkpointing()
-        if args.train_text_encoder:
+        if args.train_text_encoder or args.train_text_encoder_ti:
             parts.text_encoder.gradient_checkpointing_enable()
             parts.text_encoder_2.gradient_checkpointing_enable()
     if args.enable_xformers_memory_efficient_attention:
@@ -164,6 +200,8 @@ def train(args: argparse.Namespace) -> Path:
         args.clip_skip,
     )
 
+    unwrapped = {name: accelerator.unwrap_model(m) for name, m in wrapped.items()}
+    write_outputs = output_writer(output_dir, unwrapped, tokens)
     start_step = 0
     if checkpoint is not None:
         start_step = load_checkpoint(checkpoint, models, optimizer, lr_scheduler, accelerator.scaler).step
@@ -219,9 +257,10 @@ def train(args: argparse.Namespace) -> Path:
                 output_dir,
                 done,
                 seed,
-                {name: accelerator.unwrap_model(m) for name, m in wrapped.items()},
+                unwrapped,
                 optimizer,
                 lr_scheduler,
+                write_outputs,
                 accelerator.scaler,
                 args.checkpoints_total_limit,
             )
@@ -229,7 +268,8 @@ def train(args: argparse.Namespace) -> Path:
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        path = save_diffusers_lora(output_dir, {name: accelerator.unwrap_model(m) for name, m in wrapped.items()})
-        logger.info("Saved %s", path)
+        write_outputs(output_dir)
+        write_model_card(output_dir, args, tokens)
+        logger.info("Saved the LoRA%s to %s", " and embeddings" if tokens else "", output_dir)
     accelerator.end_training()
     return output_dir

@@ -1,0 +1,115 @@
+"""The output folder's model card (`README.md`): what was trained, and code that loads it."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .export import LORA_WEIGHTS_NAME, embeddings_file_name, output_name, save_text
+from .tokens import PivotalTokens
+
+SETTINGS = (
+    "resolution",
+    "rank",
+    "lora_alpha",
+    "use_dora",
+    "optimizer",
+    "learning_rate",
+    "text_encoder_lr",
+    "lr_scheduler",
+    "train_batch_size",
+    "gradient_accumulation_steps",
+    "max_train_steps",
+    "snr_gamma",
+    "noise_offset",
+    "train_text_encoder",
+    "train_text_encoder_ti",
+    "train_text_encoder_ti_frac",
+    "token_abstraction",
+    "clip_skip",
+    "mixed_precision",
+    "seed",
+)
+
+
+def diffusers_code(args: argparse.Namespace, tokens: PivotalTokens | None) -> str:
+    """Copy-paste inference code for diffusers, with the run's actual file names and token strings."""
+    where = args.hub_model_id or output_name(args.output_dir)
+    prompt = tokens.substitute(args.instance_prompt) if tokens else args.instance_prompt
+    clip_skip = f", clip_skip={args.clip_skip}" if args.clip_skip is not None else ""
+    lines = [
+        "import torch",
+        "from diffusers import StableDiffusionXLPipeline",
+    ]
+    if tokens:
+        lines.append("from safetensors.torch import load_file")
+    lines += [
+        "",
+        "pipe = StableDiffusionXLPipeline.from_pretrained(",
+        f'    "{args.pretrained_model_name_or_path}", dtype=torch.float16',
+        ').to("cuda")',
+        f'pipe.load_lora_weights("{where}", weight_name="{LORA_WEIGHTS_NAME}")',
+    ]
+    if tokens:
+        token_list = ", ".join(f'"{t}"' for t in tokens.all_tokens)
+        lines += [
+            "# the new tokens' embeddings, one row per token, for each text encoder",
+            f'state = load_file("{where}/{embeddings_file_name(args.output_dir)}")'
+            + ("  # or hf_hub_download(...) first" if args.hub_model_id else ""),
+            f"tokens = [{token_list}]",
+            'pipe.load_textual_inversion(state["clip_l"], token=tokens, '
+            "text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)",
+            'pipe.load_textual_inversion(state["clip_g"], token=tokens, '
+            "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)",
+        ]
+    lines.append(f'image = pipe("{prompt}"{clip_skip}).images[0]')
+    return "\n".join(lines)
+
+
+def model_card(args: argparse.Namespace, tokens: PivotalTokens | None) -> str:
+    name = output_name(args.output_dir)
+    prompt = tokens.substitute(args.instance_prompt) if tokens else args.instance_prompt
+    trigger = ""
+    if tokens:
+        pairs = ", ".join(f"`{a}` → `{''.join(t)}`" for a, t in tokens.by_abstraction.items())
+        trigger = (
+            f"\nPivotal tuning: new tokens {pairs} in both text encoders. Write the tokens themselves in your "
+            f"prompts, e.g. `{prompt}`; their embeddings are in `{embeddings_file_name(args.output_dir)}` "
+            "(keys `clip_l`, `clip_g`).\n"
+        )
+    settings = "\n".join(f"| `{key}` | `{getattr(args, key)}` |" for key in SETTINGS)
+    return f"""---
+base_model: {args.pretrained_model_name_or_path}
+library_name: diffusers
+license: openrail++
+instance_prompt: "{prompt}"
+tags:
+- stable-diffusion-xl
+- text-to-image
+- diffusers
+- lora
+- template:sd-lora
+---
+
+# {name}
+
+A DreamBooth LoRA for SDXL, trained from `{args.pretrained_model_name_or_path}`.
+
+Prompt: `{prompt}`
+{trigger}
+## Use it with diffusers
+
+```python
+{diffusers_code(args, tokens)}
+```
+
+## Training settings
+
+| setting | value |
+|---|---|
+{settings}
+"""
+
+
+def write_model_card(output_dir: Path, args: argparse.Namespace, tokens: PivotalTokens | None) -> Path:
+    return save_text(model_card(args, tokens), output_dir / "README.md")
