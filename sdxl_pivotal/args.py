@@ -18,7 +18,6 @@ from .errors import InputError
 # Features of the reference script that later versions of this project implement. Their flags are
 # accepted (so existing command lines parse), but asking for the feature stops the run at once.
 NOT_YET = {
-    "train_text_encoder_ti": "pivotal tuning (new token embeddings)",
     "with_prior_preservation": "prior preservation with class images",
     "validation_prompt": "validation images",
     "push_to_hub": "uploading to the Hugging Face Hub",
@@ -97,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bool(g, "--train_text_encoder_ti", False, "pivotal tuning: train embeddings of new tokens")
     g.add_argument("--token_abstraction", default="TOK", help="placeholder(s) in prompts, comma-separated")
     g.add_argument("--num_new_tokens_per_abstraction", type=int, default=2, help="new tokens per abstraction")
+    g.add_argument(
+        "--initializer_token",
+        default=None,
+        help="(ours) start the new embeddings from this word's embedding instead of random noise",
+    )
     g.add_argument(
         "--train_text_encoder_ti_frac", type=float, default=0.5, help="fraction of steps training embeddings"
     )
@@ -186,6 +190,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if env_local_rank != -1 and env_local_rank != args.local_rank:
         args.local_rank = env_local_rank
     validate_args(args)
+    if args.lora_alpha is None:
+        args.lora_alpha = float(args.rank)  # the reference's choice: scale 1
     return args
 
 
@@ -223,6 +229,8 @@ def validate_args(args: argparse.Namespace) -> None:
         raise InputError(f"--checkpointing_steps must be at least 1, got {args.checkpointing_steps}.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         raise InputError(f"--checkpoints_total_limit must be at least 1, got {args.checkpoints_total_limit}.")
+    if args.train_text_encoder_ti:
+        _validate_pivotal_flags(args)
     for flag in ("train_text_encoder_frac", "train_text_encoder_ti_frac"):
         if not 0.0 < getattr(args, flag) <= 1.0:
             raise InputError(f"--{flag} must be in (0, 1], got {getattr(args, flag)}.")
@@ -247,6 +255,23 @@ def validate_args(args: argparse.Namespace) -> None:
         )
     if not args.with_prior_preservation and (args.class_data_dir or args.class_prompt):
         warnings.warn("--class_data_dir/--class_prompt are ignored without --with_prior_preservation.", stacklevel=2)
+
+
+def _validate_pivotal_flags(args: argparse.Namespace) -> None:
+    abstractions = [a.strip() for a in args.token_abstraction.split(",")]
+    if not all(abstractions):
+        raise InputError(
+            f"--token_abstraction {args.token_abstraction!r} has an empty entry; use e.g. TOK or TOK,SKS."
+        )
+    if len(set(abstractions)) != len(abstractions):
+        raise InputError(f"--token_abstraction {args.token_abstraction!r} names an abstraction twice.")
+    for a in abstractions:
+        if any(a != b and a in b for b in abstractions):
+            raise InputError(f"--token_abstraction: {a!r} is part of another abstraction; choose distinct words.")
+    if args.num_new_tokens_per_abstraction < 1:
+        raise InputError(
+            f"--num_new_tokens_per_abstraction must be at least 1, got {args.num_new_tokens_per_abstraction}."
+        )
 
 
 def _validate_data_source(args: argparse.Namespace) -> None:

@@ -77,7 +77,7 @@ def unet_lora_targets(unet: torch.nn.Module, blocks_spec: str | None) -> list[st
 def lora_config(args: argparse.Namespace, target_modules: list[str]) -> LoraConfig:
     return LoraConfig(
         r=args.rank,
-        lora_alpha=args.lora_alpha if args.lora_alpha is not None else args.rank,
+        lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
         use_dora=args.use_dora,
         init_lora_weights="gaussian",

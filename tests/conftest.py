@@ -28,18 +28,18 @@ def demo_images(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def run_training(tiny_model, demo_images):
-    """Train in-process on the tiny model: `run_training(output_dir, "--flag", "value", ...)`."""
+    """Train in-process on the tiny model: `run_training(output_dir, "--flag", "value", ...)`; the images are
+    the demo folder unless `data=(flags...)` names another source."""
     from accelerate.state import AcceleratorState, GradientState
 
     from sdxl_pivotal.args import parse_args
     from sdxl_pivotal.train import train
 
-    def run(output_dir: Path, *extra: str) -> Path:
+    def run(output_dir: Path, *extra: str, data: tuple[str, ...] = ("--instance_data_dir", str(demo_images))) -> Path:
         argv = [
             "--pretrained_model_name_or_path",
             str(tiny_model),
-            "--instance_data_dir",
-            str(demo_images),
+            *data,
             "--instance_prompt",
             "a photo of TOK toy",
             "--output_dir",

@@ -207,7 +207,6 @@ def test_resume_from_a_missing_checkpoint(argv):
 # ---------------------------------------------------------------------------------------------- not-yet features
 
 NOT_YET_FEATURES = {
-    "--train_text_encoder_ti": (["--train_text_encoder_ti"], "pivotal tuning"),
     "--with_prior_preservation": (["--with_prior_preservation"], "prior preservation"),
     "--validation_prompt": (["--validation_prompt", "a photo of TOK toy"], "validation"),
     "--push_to_hub": (["--push_to_hub"], "Hub"),
@@ -225,7 +224,7 @@ def test_not_yet_features_fail_fast(argv, flag):
     assert feature in str(error.value)
 
 
-@pytest.mark.parametrize("flag", ["--train_text_encoder_ti", "--push_to_hub", "--cache_latents"])
+@pytest.mark.parametrize("flag", ["--with_prior_preservation", "--push_to_hub", "--cache_latents"])
 def test_not_yet_flags_turned_off_are_accepted(argv, flag):
     assert getattr(parse_args([*argv, flag, "False"]), flag[2:]) is False
 
