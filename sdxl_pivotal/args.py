@@ -19,7 +19,6 @@ from .errors import InputError
 # accepted (so existing command lines parse), but asking for the feature stops the run at once.
 NOT_YET = {
     "with_prior_preservation": "prior preservation with class images",
-    "validation_prompt": "validation images",
     "push_to_hub": "uploading to the Hugging Face Hub",
     "do_edm_style_training": "EDM-style training",
     "cache_latents": "latent caching",
@@ -174,7 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint folder, or "latest"')
     g.add_argument("--validation_prompt", default=None)
     g.add_argument("--num_validation_images", type=int, default=4)
-    g.add_argument("--validation_epochs", type=int, default=50)
+    g.add_argument("--validation_epochs", type=int, default=50, help="validate every N epochs")
+    g.add_argument(
+        "--validation_steps",
+        type=int,
+        default=None,
+        help="(ours) validate every N optimizer steps instead of every --validation_epochs epochs",
+    )
+    g.add_argument(
+        "--validation_inference_steps", type=int, default=25, help="(ours) denoising steps of validation images"
+    )
     g.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "all", "none"])
     g.add_argument("--logging_dir", default="logs", help="tracker folder, relative to --output_dir")
     _add_bool(g, "--push_to_hub", False, "upload the output folder")
@@ -225,6 +233,11 @@ def validate_args(args: argparse.Namespace) -> None:
             raise InputError(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
     if args.max_train_steps is not None and args.max_train_steps < 1:
         raise InputError(f"--max_train_steps must be at least 1, got {args.max_train_steps}.")
+    for flag in ("num_validation_images", "validation_epochs", "validation_inference_steps"):
+        if getattr(args, flag) < 1:
+            raise InputError(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
+    if args.validation_steps is not None and args.validation_steps < 1:
+        raise InputError(f"--validation_steps must be at least 1, got {args.validation_steps}.")
     if args.checkpointing_steps < 1:
         raise InputError(f"--checkpointing_steps must be at least 1, got {args.checkpointing_steps}.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:

@@ -66,7 +66,17 @@ def diffusers_code(args: argparse.Namespace, tokens: PivotalTokens | None) -> st
     return "\n".join(lines)
 
 
-def model_card(args: argparse.Namespace, tokens: PivotalTokens | None) -> str:
+def gallery(output_dir: Path, images: list[Path], prompt: str) -> tuple[str, str]:
+    """(the card's `widget:` front matter, a markdown gallery) for the final validation images."""
+    if not images:
+        return "", ""
+    relative = [image.relative_to(output_dir).as_posix() for image in images]
+    widget = "widget:\n" + "".join(f'- text: "{prompt}"\n  output:\n    url: {path}\n' for path in relative)
+    markdown = "\n## Samples\n\n" + " ".join(f"![sample {i}]({path})" for i, path in enumerate(relative)) + "\n"
+    return widget, markdown
+
+
+def model_card(args: argparse.Namespace, tokens: PivotalTokens | None, images: list[Path] = ()) -> str:
     name = output_name(args.output_dir)
     prompt = tokens.substitute(args.instance_prompt) if tokens else args.instance_prompt
     trigger = ""
@@ -78,6 +88,10 @@ def model_card(args: argparse.Namespace, tokens: PivotalTokens | None) -> str:
             "(keys `clip_l`, `clip_g`).\n"
         )
     settings = "\n".join(f"| `{key}` | `{getattr(args, key)}` |" for key in SETTINGS)
+    validation_prompt = args.validation_prompt or ""
+    if tokens:
+        validation_prompt = tokens.substitute(validation_prompt)
+    widget, samples = gallery(Path(args.output_dir), list(images), validation_prompt)
     return f"""---
 base_model: {args.pretrained_model_name_or_path}
 library_name: diffusers
@@ -89,14 +103,14 @@ tags:
 - diffusers
 - lora
 - template:sd-lora
----
+{widget}---
 
 # {name}
 
 A DreamBooth LoRA for SDXL, trained from `{args.pretrained_model_name_or_path}`.
 
 Prompt: `{prompt}`
-{trigger}
+{trigger}{samples}
 ## Use it with diffusers
 
 ```python
@@ -111,5 +125,7 @@ Prompt: `{prompt}`
 """
 
 
-def write_model_card(output_dir: Path, args: argparse.Namespace, tokens: PivotalTokens | None) -> Path:
-    return save_text(model_card(args, tokens), output_dir / "README.md")
+def write_model_card(
+    output_dir: Path, args: argparse.Namespace, tokens: PivotalTokens | None, images: list[Path] = ()
+) -> Path:
+    return save_text(model_card(args, tokens, images), output_dir / "README.md")

@@ -162,6 +162,7 @@ class Sample:
     original_size: tuple[int, int]
     crop_top_left: tuple[int, int]
     target_size: tuple[int, int]
+    prior: Sample | None = None  # with prior preservation: the class image paired with this one
 
 
 def prepare_image(
@@ -195,10 +196,21 @@ def prepare_image(
 
 
 class DreamBoothDataset(torch.utils.data.Dataset):
-    """Instance images, indexed by `(epoch, i)` so crops and flips are reproducible per epoch and sample."""
+    """Instance images, indexed by `(epoch, i)` so crops and flips are reproducible per epoch and sample.
 
-    def __init__(self, records: list[ImageRecord], args: argparse.Namespace, seed: int):
+    With `class_records` (prior preservation), instance sample i is paired with class image
+    i mod (number of class images), prepared the same way, as the reference does.
+    """
+
+    def __init__(
+        self,
+        records: list[ImageRecord],
+        args: argparse.Namespace,
+        seed: int,
+        class_records: list[ImageRecord] | None = None,
+    ):
         self.records = records
+        self.class_records = class_records or []
         self.repeats = args.repeats
         self.resolution = args.resolution
         self.center_crop = args.center_crop
@@ -211,8 +223,14 @@ class DreamBoothDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> Sample:
         epoch, index = key
-        record = self.records[index % len(self.records)]
-        rng = np.random.default_rng([self.seed, epoch, index])
+        sample = self._prepare(self.records[index % len(self.records)], [self.seed, epoch, index])
+        if self.class_records:
+            record = self.class_records[index % len(self.class_records)]
+            sample.prior = self._prepare(record, [self.seed, epoch, index, 1])
+        return sample
+
+    def _prepare(self, record: ImageRecord, rng_key: list[int]) -> Sample:
+        rng = np.random.default_rng(rng_key)
         pixels, original_size, crop = prepare_image(
             record.load(), self.resolution, rng, self.center_crop, self.random_flip, self.interpolation
         )
@@ -221,17 +239,23 @@ class DreamBoothDataset(torch.utils.data.Dataset):
 
 @dataclass
 class Batch:
+    """Instance samples, then (with prior preservation) their paired class samples: the last `num_prior`."""
+
     pixel_values: torch.Tensor  # [B, 3, H, W]
     captions: list[str]
     time_ids: torch.Tensor  # [B, 6]: original (h, w), crop (top, left), target (h, w)
+    num_prior: int = 0
 
 
 def collate(samples: list[Sample]) -> Batch:
-    time_ids = [list(s.original_size + s.crop_top_left + s.target_size) for s in samples]
+    priors = [s.prior for s in samples if s.prior is not None]
+    everything = samples + priors
+    time_ids = [list(s.original_size + s.crop_top_left + s.target_size) for s in everything]
     return Batch(
-        pixel_values=torch.stack([s.pixel_values for s in samples]).contiguous(),
-        captions=[s.caption for s in samples],
+        pixel_values=torch.stack([s.pixel_values for s in everything]).contiguous(),
+        captions=[s.caption for s in everything],
         time_ids=torch.tensor(time_ids, dtype=torch.float32),
+        num_prior=len(priors),
     )
 
 

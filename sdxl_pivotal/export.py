@@ -78,30 +78,37 @@ def save_diffusers_lora(folder: Path, models: dict[str, torch.nn.Module]) -> Pat
         f"{name}_lora_adapter_metadata": model.peft_config["default"].to_dict() for name, model in models.items()
     }
     folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".lora-", dir=folder) as staging:
-        StableDiffusionXLPipeline.save_lora_weights(staging, **layers, **metadata, weight_name=LORA_WEIGHTS_NAME)
-        _default_permissions(Path(staging) / LORA_WEIGHTS_NAME)
-        os.replace(Path(staging) / LORA_WEIGHTS_NAME, folder / LORA_WEIGHTS_NAME)
+    with atomic_path(folder / LORA_WEIGHTS_NAME) as temporary:
+        StableDiffusionXLPipeline.save_lora_weights(temporary.parent, **layers, **metadata, weight_name=temporary.name)
     return folder / LORA_WEIGHTS_NAME
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
-    """`safetensors.torch.save_file`, atomically."""
-    from safetensors.torch import save_file
-
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; once the caller has written it, it replaces `path`."""
     with tempfile.TemporaryDirectory(prefix=".write-", dir=path.parent) as staging:
         temporary = Path(staging) / path.name
-        save_file(tensors, temporary, metadata=metadata)
+        yield temporary
         _default_permissions(temporary)
         os.replace(temporary, path)
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as temporary:
+        save_file(tensors, temporary, metadata=metadata)
     return path
 
 
 def save_text(text: str, path: Path) -> Path:
-    """Write a text file atomically."""
-    with tempfile.TemporaryDirectory(prefix=".write-", dir=path.parent) as staging:
-        temporary = Path(staging) / path.name
+    with atomic_path(path) as temporary:
         temporary.write_text(text, encoding="utf-8")
-        _default_permissions(temporary)
-        os.replace(temporary, path)
+    return path
+
+
+def save_image(image, path: Path) -> Path:
+    """Save a PIL image as PNG."""
+    with atomic_path(path) as temporary:
+        image.save(temporary, format="PNG")
     return path

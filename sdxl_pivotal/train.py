@@ -25,6 +25,7 @@ from .models import SDXLParts, add_lora_adapters, load_sdxl, place_models, train
 from .optim import create_lr_scheduler, create_optimizer, parameter_groups, trainable_parameters
 from .prompts import PromptEncoder
 from .tokens import PivotalTokens, add_new_tokens, embeddings_state
+from .validation import final_validation, is_validation_step, validate_during_training
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,14 @@ def batch_loss(
 
     target = training_target(scheduler, latents, noise, timesteps)
     weights = min_snr_weights(scheduler, timesteps, args.snr_gamma) if args.snr_gamma else None
-    return diffusion_loss(prediction, target, weights)
+    if not batch.num_prior:
+        return diffusion_loss(prediction, target, weights)
+    # Prior preservation: instance and class images share one UNet call; their losses are weighted apart.
+    n = len(latents) - batch.num_prior
+    instance_weights, prior_weights = (None, None) if weights is None else (weights[:n], weights[n:])
+    instance_loss = diffusion_loss(prediction[:n], target[:n], instance_weights)
+    prior_loss = diffusion_loss(prediction[n:], target[n:], prior_weights)
+    return instance_loss + args.prior_loss_weight * prior_loss
 
 
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
@@ -153,6 +161,9 @@ def train(args: argparse.Namespace) -> Path:
         records = [replace(record, caption=tokens.substitute(record.caption)) for record in records]
         logger.info("Pivotal tuning: %s", tokens.by_abstraction)
     dataset = DreamBoothDataset(records, args, seed)
+    validation_prompt = args.validation_prompt
+    if tokens is not None and validation_prompt:
+        validation_prompt = tokens.substitute(validation_prompt)
     plan = StepPlan(
         len(dataset),
         args.train_batch_size,
@@ -264,12 +275,19 @@ def train(args: argparse.Namespace) -> Path:
                 accelerator.scaler,
                 args.checkpoints_total_limit,
             )
+        if accelerator.is_main_process and is_validation_step(args, done, plan.steps_per_epoch):
+            validate_during_training(accelerator, parts, unwrapped, args, validation_prompt, seed, done)
     progress.close()
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_outputs(output_dir)
-        write_model_card(output_dir, args, tokens)
         logger.info("Saved the LoRA%s to %s", " and embeddings" if tokens else "", output_dir)
+        images = []
+        if validation_prompt:
+            images = final_validation(
+                accelerator, args, output_dir, validation_prompt, seed, total_steps, weight_dtype
+            )
+        write_model_card(output_dir, args, tokens, images)
     accelerator.end_training()
     return output_dir

@@ -1,0 +1,133 @@
+"""Validation images: generated with the current LoRA and embeddings during training, and once more at the
+end from the saved files, loaded the way a user loads them. Saved as PNG and logged to the trackers.
+
+Validation never changes the training trajectory: it uses its own generator, runs in eval mode without
+gradients, and every training step reseeds its own randomness (see `train.step_generator`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .export import save_image
+
+logger = logging.getLogger(__name__)
+
+
+def is_validation_step(args: argparse.Namespace, done: int, steps_per_epoch: int) -> bool:
+    """After optimizer step `done` (1-based): every --validation_steps steps if given, else at the end of
+    every --validation_epochs-th epoch counted from the first (as the reference: epochs 0, N, 2N, ...)."""
+    if not args.validation_prompt:
+        return False
+    if args.validation_steps:
+        return done % args.validation_steps == 0
+    epoch, rest = divmod(done, steps_per_epoch)
+    return rest == 0 and (epoch - 1) % args.validation_epochs == 0
+
+
+def sdxl_pipeline(parts, unet: torch.nn.Module, text_encoders: list[torch.nn.Module]):
+    """A StableDiffusionXLPipeline around the training modules (no copy, no loading)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    pipeline = StableDiffusionXLPipeline(
+        vae=parts.vae,
+        text_encoder=text_encoders[0],
+        text_encoder_2=text_encoders[1],
+        tokenizer=parts.tokenizer,
+        tokenizer_2=parts.tokenizer_2,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler.from_config(parts.noise_scheduler.config),
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def generate(pipeline, args: argparse.Namespace, prompt: str, seed: int, autocast=contextlib.nullcontext) -> list:
+    """`--num_validation_images` images of `prompt` at the training resolution, from a fixed seed."""
+    generator = torch.Generator(pipeline.device).manual_seed(seed)
+    with torch.no_grad(), autocast():
+        return pipeline(
+            prompt,
+            num_images_per_prompt=args.num_validation_images,
+            num_inference_steps=args.validation_inference_steps,
+            height=args.resolution,
+            width=args.resolution,
+            clip_skip=args.clip_skip,
+            generator=generator,
+        ).images
+
+
+def validate_during_training(accelerator, parts, models: dict, args, prompt: str, seed: int, step: int) -> list:
+    """Generate with the modules being trained, then put them back in training mode."""
+    encoders = [models.get("text_encoder", parts.text_encoder), models.get("text_encoder_2", parts.text_encoder_2)]
+    modules = [models["unet"], *encoders]
+    for module in modules:
+        module.eval()
+    try:
+        images = generate(sdxl_pipeline(parts, models["unet"], encoders), args, prompt, seed, accelerator.autocast)
+    finally:
+        for module in models.values():
+            module.train()
+    publish(accelerator, images, Path(args.output_dir) / "validation" / f"step-{step}", prompt, step, "validation")
+    return images
+
+
+def publish(accelerator, images: list, folder: Path, prompt: str, step: int, tag: str) -> list[Path]:
+    """Save PNGs into `folder` and log the images to tensorboard and wandb."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [save_image(image, folder / f"{i}.png") for i, image in enumerate(images)]
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(tag, np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({tag: [wandb.Image(im, caption=f"{i}: {prompt}") for i, im in enumerate(images)]}, step=step)
+    logger.info("Validation images (%s) saved to %s", prompt, folder)
+    return paths
+
+
+def load_final_pipeline(args: argparse.Namespace, output_dir: Path, device, dtype: torch.dtype):
+    """The base pipeline with the run's saved LoRA and embeddings, loaded as the model card tells users."""
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+
+    from .export import LORA_WEIGHTS_NAME, embeddings_file_name
+    from .tokens import PivotalTokens
+
+    pipeline = StableDiffusionXLPipeline.from_pretrained(
+        args.pretrained_model_name_or_path,
+        revision=args.revision,
+        variant=args.variant,
+        cache_dir=args.cache_dir,
+        dtype=dtype,
+        use_safetensors=True,
+    )
+    if args.pretrained_vae_model_name_or_path:
+        from diffusers import AutoencoderKL
+
+        pipeline.vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, dtype=dtype)
+    pipeline.load_lora_weights(output_dir, weight_name=LORA_WEIGHTS_NAME)
+    if args.train_text_encoder_ti:
+        state = load_file(output_dir / embeddings_file_name(output_dir))
+        tokens = PivotalTokens.from_flags(args.token_abstraction, args.num_new_tokens_per_abstraction).all_tokens
+        pipeline.load_textual_inversion(
+            state["clip_l"], token=tokens, text_encoder=pipeline.text_encoder, tokenizer=pipeline.tokenizer
+        )
+        pipeline.load_textual_inversion(
+            state["clip_g"], token=tokens, text_encoder=pipeline.text_encoder_2, tokenizer=pipeline.tokenizer_2
+        )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device)
+
+
+def final_validation(accelerator, args, output_dir: Path, prompt: str, seed: int, step: int, dtype) -> list[Path]:
+    pipeline = load_final_pipeline(args, output_dir, accelerator.device, dtype)
+    images = generate(pipeline, args, prompt, seed)
+    return publish(accelerator, images, output_dir / "validation" / "final", prompt, step, "final")
