@@ -19,7 +19,6 @@ from .errors import InputError
 # accepted (so existing command lines parse), but asking for the feature stops the run at once.
 NOT_YET = {
     "with_prior_preservation": "prior preservation with class images",
-    "push_to_hub": "uploading to the Hugging Face Hub",
     "do_edm_style_training": "EDM-style training",
     "cache_latents": "latent caching",
 }
@@ -222,6 +221,11 @@ def validate_args(args: argparse.Namespace) -> None:
     _validate_data_source(args)
     _validate_output_dir(args)
 
+    if args.hub_token and args.report_to in ("wandb", "all"):
+        raise InputError(
+            "--hub_token with --report_to wandb would expose the token (wandb records the command line). "
+            "Log in with `huggingface-cli login` or set HF_TOKEN instead of passing --hub_token."
+        )
     if args.resolution <= 0 or args.resolution % 8:
         raise InputError(f"--resolution must be a positive multiple of 8 (the VAE's scale), got {args.resolution}.")
     if args.seed is not None and not 0 <= args.seed < 2**32:

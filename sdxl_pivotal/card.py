@@ -32,15 +32,19 @@ SETTINGS = (
 )
 
 
-def diffusers_code(args: argparse.Namespace, tokens: PivotalTokens | None) -> str:
-    """Copy-paste inference code for diffusers, with the run's actual file names and token strings."""
-    where = args.hub_model_id or output_name(args.output_dir)
+def diffusers_code(args: argparse.Namespace, tokens: PivotalTokens | None, repo_id: str | None = None) -> str:
+    """Copy-paste inference code for diffusers, with the run's actual file names and token strings: from
+    the Hub repo when the run was pushed, else from the output folder."""
+    where = repo_id or output_name(args.output_dir)
+    emb_name = embeddings_file_name(args.output_dir)
     prompt = tokens.substitute(args.instance_prompt) if tokens else args.instance_prompt
     clip_skip = f", clip_skip={args.clip_skip}" if args.clip_skip is not None else ""
     lines = [
         "import torch",
         "from diffusers import StableDiffusionXLPipeline",
     ]
+    if tokens and repo_id:
+        lines.append("from huggingface_hub import hf_hub_download")
     if tokens:
         lines.append("from safetensors.torch import load_file")
     lines += [
@@ -54,8 +58,9 @@ def diffusers_code(args: argparse.Namespace, tokens: PivotalTokens | None) -> st
         token_list = ", ".join(f'"{t}"' for t in tokens.all_tokens)
         lines += [
             "# the new tokens' embeddings, one row per token, for each text encoder",
-            f'state = load_file("{where}/{embeddings_file_name(args.output_dir)}")'
-            + ("  # or hf_hub_download(...) first" if args.hub_model_id else ""),
+            f'state = load_file(hf_hub_download("{repo_id}", "{emb_name}"))'
+            if repo_id
+            else f'state = load_file("{where}/{emb_name}")',
             f"tokens = [{token_list}]",
             'pipe.load_textual_inversion(state["clip_l"], token=tokens, '
             "text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)",
@@ -76,7 +81,9 @@ def gallery(output_dir: Path, images: list[Path], prompt: str) -> tuple[str, str
     return widget, markdown
 
 
-def model_card(args: argparse.Namespace, tokens: PivotalTokens | None, images: list[Path] = ()) -> str:
+def model_card(
+    args: argparse.Namespace, tokens: PivotalTokens | None, images: list[Path] = (), repo_id: str | None = None
+) -> str:
     name = output_name(args.output_dir)
     prompt = tokens.substitute(args.instance_prompt) if tokens else args.instance_prompt
     trigger = ""
@@ -114,7 +121,7 @@ Prompt: `{prompt}`
 ## Use it with diffusers
 
 ```python
-{diffusers_code(args, tokens)}
+{diffusers_code(args, tokens, repo_id)}
 ```
 
 ## Training settings
@@ -126,6 +133,38 @@ Prompt: `{prompt}`
 
 
 def write_model_card(
-    output_dir: Path, args: argparse.Namespace, tokens: PivotalTokens | None, images: list[Path] = ()
+    output_dir: Path,
+    args: argparse.Namespace,
+    tokens: PivotalTokens | None,
+    images: list[Path] = (),
+    repo_id: str | None = None,
 ) -> Path:
-    return save_text(model_card(args, tokens, images), output_dir / "README.md")
+    return save_text(model_card(args, tokens, images, repo_id), output_dir / "README.md")
+
+
+# Not uploaded: intermediate training state and tracker logs.
+HUB_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "logs/**", ".*", ".*/**"]
+
+
+def hub_api(token: str | None):
+    """The network boundary: a `huggingface_hub.HfApi` (tests replace this function with a fake)."""
+    from huggingface_hub import HfApi
+
+    return HfApi(token=token)
+
+
+def create_hub_repo(args: argparse.Namespace) -> str:
+    """Create (or reuse) the model repo before training, so a bad token or name fails early; return its id."""
+    name = args.hub_model_id or output_name(args.output_dir)
+    return hub_api(args.hub_token).create_repo(repo_id=name, exist_ok=True, repo_type="model").repo_id
+
+
+def upload_to_hub(output_dir: Path, args: argparse.Namespace, repo_id: str) -> None:
+    """Upload the output folder: weights, embeddings, card, validation images; no checkpoints or logs."""
+    hub_api(args.hub_token).upload_folder(
+        repo_id=repo_id,
+        repo_type="model",
+        folder_path=str(output_dir),
+        commit_message="Upload SDXL DreamBooth LoRA",
+        ignore_patterns=HUB_IGNORE_PATTERNS,
+    )

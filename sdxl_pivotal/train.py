@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, broadcast_object_list
 from tqdm.auto import tqdm
 
-from .card import write_model_card
+from .card import create_hub_repo, upload_to_hub, write_model_card
 from .checkpoints import load_checkpoint, remove_partial_checkpoints, resolve_checkpoint, save_checkpoint
 from .data import Batch, DreamBoothDataset, StepPlan, iterate_steps, load_records
 from .export import embeddings_file_name, save_diffusers_lora, save_safetensors
@@ -151,6 +151,7 @@ def train(args: argparse.Namespace) -> Path:
     if args.resume_from_checkpoint == "latest" and checkpoint is None:
         logger.info("No checkpoint in %s; starting a new run.", output_dir)
     seed = resolve_seed(args, accelerator, checkpoint)
+    repo_id = create_hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
 
     # Data first: bad images fail here, before minutes of model loading.
     records = load_records(args)
@@ -288,6 +289,9 @@ def train(args: argparse.Namespace) -> Path:
             images = final_validation(
                 accelerator, args, output_dir, validation_prompt, seed, total_steps, weight_dtype
             )
-        write_model_card(output_dir, args, tokens, images)
+        write_model_card(output_dir, args, tokens, images, repo_id)
+        if repo_id:
+            upload_to_hub(output_dir, args, repo_id)
+            logger.info("Uploaded %s to https://huggingface.co/%s", output_dir, repo_id)
     accelerator.end_training()
     return output_dir

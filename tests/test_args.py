@@ -209,7 +209,6 @@ def test_resume_from_a_missing_checkpoint(argv):
 NOT_YET_FEATURES = {
     "--with_prior_preservation": (["--with_prior_preservation"], "prior preservation"),
     "--validation_prompt": (["--validation_prompt", "a photo of TOK toy"], "validation"),
-    "--push_to_hub": (["--push_to_hub"], "Hub"),
     "--do_edm_style_training": (["--do_edm_style_training", "true"], "EDM"),
     "--cache_latents": (["--cache_latents=1"], "latent caching"),
 }
@@ -224,7 +223,7 @@ def test_not_yet_features_fail_fast(argv, flag):
     assert feature in str(error.value)
 
 
-@pytest.mark.parametrize("flag", ["--with_prior_preservation", "--push_to_hub", "--cache_latents"])
+@pytest.mark.parametrize("flag", ["--with_prior_preservation", "--do_edm_style_training", "--cache_latents"])
 def test_not_yet_flags_turned_off_are_accepted(argv, flag):
     assert getattr(parse_args([*argv, flag, "False"]), flag[2:]) is False
 
@@ -387,8 +386,8 @@ def test_cli_missing_data_folder(argv, tmp_path):
 
 
 def test_cli_not_yet_feature(argv, tmp_path):
-    result, seconds = run_cli(*argv, "--push_to_hub")
-    assert_clean_failure(result, seconds, "--push_to_hub asks for uploading to the Hugging Face Hub")
+    result, seconds = run_cli(*argv, "--do_edm_style_training")
+    assert_clean_failure(result, seconds, "--do_edm_style_training asks for EDM-style training")
     assert not (tmp_path / "out").exists()
 
 
