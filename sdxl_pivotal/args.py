@@ -13,12 +13,12 @@ import re
 import warnings
 from pathlib import Path
 
+from .class_images import validate_prior_flags
 from .errors import InputError
 
 # Features of the reference script that later versions of this project implement. Their flags are
 # accepted (so existing command lines parse), but asking for the feature stops the run at once.
 NOT_YET = {
-    "with_prior_preservation": "prior preservation with class images",
     "do_edm_style_training": "EDM-style training",
     "cache_latents": "latent caching",
 }
@@ -220,6 +220,7 @@ def validate_args(args: argparse.Namespace) -> None:
 
     _validate_data_source(args)
     _validate_output_dir(args)
+    validate_prior_flags(args)
 
     if args.hub_token and args.report_to in ("wandb", "all"):
         raise InputError(

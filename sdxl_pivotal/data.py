@@ -198,8 +198,10 @@ def prepare_image(
 class DreamBoothDataset(torch.utils.data.Dataset):
     """Instance images, indexed by `(epoch, i)` so crops and flips are reproducible per epoch and sample.
 
-    With `class_records` (prior preservation), instance sample i is paired with class image
-    i mod (number of class images), prepared the same way, as the reference does.
+    With `class_records` (prior preservation), each instance sample is paired with a class image, prepared
+    the same way. The pairing walks through all class images across epochs (sample i of epoch e takes
+    class image (e x len + i) mod count), where the reference pairs i with i mod count and so never uses
+    more class images than it has instance images.
     """
 
     def __init__(
@@ -225,7 +227,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         epoch, index = key
         sample = self._prepare(self.records[index % len(self.records)], [self.seed, epoch, index])
         if self.class_records:
-            record = self.class_records[index % len(self.class_records)]
+            record = self.class_records[(epoch * len(self) + index) % len(self.class_records)]
             sample.prior = self._prepare(record, [self.seed, epoch, index, 1])
         return sample
 

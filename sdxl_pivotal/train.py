@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from .card import create_hub_repo, upload_to_hub, write_model_card
 from .checkpoints import load_checkpoint, remove_partial_checkpoints, resolve_checkpoint, save_checkpoint
-from .data import Batch, DreamBoothDataset, StepPlan, iterate_steps, load_records
+from .class_images import ensure_class_images, generation_dtype, load_generation_pipeline
+from .data import Batch, DreamBoothDataset, ImageRecord, StepPlan, iterate_steps, load_records, open_image
 from .export import embeddings_file_name, save_diffusers_lora, save_safetensors
 from .losses import diffusion_loss, min_snr_weights, sample_noise, sample_timesteps, training_target
 from .models import SDXLParts, add_lora_adapters, load_sdxl, place_models, trained_models
@@ -142,6 +143,31 @@ def output_writer(output_dir: Path, models: dict[str, torch.nn.Module], tokens: 
     return write_outputs
 
 
+def load_class_records(
+    args: argparse.Namespace, accelerator: Accelerator, seed: int, tokens: PivotalTokens | None
+) -> list[ImageRecord]:
+    """Prior preservation: complete --class_data_dir with images of the base model (generated, then freed);
+    one record per class image, captioned with --class_prompt."""
+    dtype = generation_dtype(args.prior_generation_precision, accelerator.device)
+    paths = ensure_class_images(
+        Path(args.class_data_dir),
+        args.class_prompt,
+        args.num_class_images,
+        lambda: load_generation_pipeline(args, accelerator.device, dtype),
+        seed=seed,
+        resolution=args.resolution,
+        batch_size=args.sample_batch_size,
+        process_index=accelerator.process_index,
+        num_processes=accelerator.num_processes,
+        barrier=accelerator.wait_for_everyone,
+        progress=accelerator.is_local_main_process,
+    )
+    for path in paths:
+        open_image(path)  # a corrupt class image fails now, named
+    prompt = tokens.substitute(args.class_prompt) if tokens else args.class_prompt
+    return [ImageRecord(caption=prompt, path=path) for path in paths]
+
+
 def train(args: argparse.Namespace) -> Path:
     """Run the training `args` describe; return the output folder."""
     output_dir = Path(args.output_dir)
@@ -161,7 +187,8 @@ def train(args: argparse.Namespace) -> Path:
         tokens.warn_if_unused([record.caption for record in records])
         records = [replace(record, caption=tokens.substitute(record.caption)) for record in records]
         logger.info("Pivotal tuning: %s", tokens.by_abstraction)
-    dataset = DreamBoothDataset(records, args, seed)
+    class_records = load_class_records(args, accelerator, seed, tokens) if args.with_prior_preservation else None
+    dataset = DreamBoothDataset(records, args, seed, class_records)
     validation_prompt = args.validation_prompt
     if tokens is not None and validation_prompt:
         validation_prompt = tokens.substitute(validation_prompt)

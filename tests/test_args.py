@@ -207,7 +207,6 @@ def test_resume_from_a_missing_checkpoint(argv):
 # ---------------------------------------------------------------------------------------------- not-yet features
 
 NOT_YET_FEATURES = {
-    "--with_prior_preservation": (["--with_prior_preservation"], "prior preservation"),
     "--do_edm_style_training": (["--do_edm_style_training", "true"], "EDM"),
     "--cache_latents": (["--cache_latents=1"], "latent caching"),
 }
@@ -222,7 +221,9 @@ def test_not_yet_features_fail_fast(argv, flag):
     assert feature in str(error.value)
 
 
-@pytest.mark.parametrize("flag", ["--with_prior_preservation", "--do_edm_style_training", "--cache_latents"])
+@pytest.mark.parametrize(
+    "flag", ["--with_prior_preservation", "--do_edm_style_training", "--cache_latents", "--push_to_hub"]
+)
 def test_not_yet_flags_turned_off_are_accepted(argv, flag):
     assert getattr(parse_args([*argv, flag, "False"]), flag[2:]) is False
 
@@ -327,6 +328,8 @@ def test_reference_flag_is_accepted(argv, tmp_path, image_dir, flag, default):
     base = argv
     if flag in DATASET_FLAGS:
         base = [*without(argv, "--instance_data_dir"), "--dataset_name", str(image_dir)]
+    if flag == "--with_prior_preservation":
+        base = [*base, "--class_prompt", "a photo of a toy", "--class_data_dir", str(tmp_path / "class")]
     command = [*base, flag, text]
     if flag in NOT_YET_FLAGS:
         with pytest.raises(ValueError, match=f"{flag} .*does not implement yet"):

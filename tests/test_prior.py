@@ -48,3 +48,42 @@ def test_prior_loss_enters_gradients_linearly(tiny_model, demo_images, tmp_path,
     assert l1 > l0 and lw == pytest.approx(l0 + 2.5 * (l1 - l0), rel=1e-5)
     assert (g1 - g0).abs().max() > 0, "the class images contribute a gradient"
     torch.testing.assert_close(gw, g0 + 2.5 * (g1 - g0), rtol=1e-4, atol=1e-7)
+
+
+def test_training_with_prior_preservation_generates_then_reuses_class_images(run_training, tmp_path, monkeypatch):
+    from sdxl_pivotal import train as train_module
+
+    class_dir = tmp_path / "class"
+    flags = (
+        *("--with_prior_preservation", "--class_prompt", "a photo of a toy", "--class_data_dir", str(class_dir)),
+        *("--num_class_images", "3", "--sample_batch_size", "2", "--max_train_steps", "2", "--overwrite_output_dir"),
+        *("--train_text_encoder_ti", "--prior_loss_weight", "0.5"),
+    )
+    loads = []
+    real_loader = train_module.load_generation_pipeline
+
+    def counting_loader(*args, **kwargs):
+        loads.append(1)
+        pipeline = real_loader(*args, **kwargs)
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
+
+    monkeypatch.setattr(train_module, "load_generation_pipeline", counting_loader)
+    captions = []
+    real_loss = train_module.batch_loss
+
+    def recording_loss(parts, unet, encoder, batch, *args, **kwargs):
+        captions.append((batch.captions, batch.num_prior))
+        return real_loss(parts, unet, encoder, batch, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "batch_loss", recording_loss)
+    out = run_training(tmp_path / "run", *flags)
+    generated = sorted(class_dir.glob("*.png"))
+    assert len(generated) == 3 and loads == [1]
+    assert captions[0] == (["a photo of <s0><s1> toy"] * 2 + ["a photo of a toy"] * 2, 2)
+
+    before = [p.read_bytes() for p in generated]
+    run_training(tmp_path / "run", *flags)
+    assert loads == [1], "a second run reuses the class images without loading a pipeline"
+    assert [p.read_bytes() for p in sorted(class_dir.glob("*.png"))] == before
+    assert (out / "pytorch_lora_weights.safetensors").exists()
