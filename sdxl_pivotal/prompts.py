@@ -26,7 +26,8 @@ def encode_tokens(
     layer = -2 if clip_skip is None else -(clip_skip + 2)
     hidden_states = []
     for encoder, ids in zip(text_encoders, token_ids, strict=True):
-        output = encoder(ids.to(encoder.device), output_hidden_states=True)
+        device = next(encoder.parameters()).device  # also for a DistributedDataParallel wrapper
+        output = encoder(ids.to(device), output_hidden_states=True)
         hidden_states.append(output.hidden_states[layer])
     pooled = output[0]  # the last encoder (CLIPTextModelWithProjection): projected pooled output
     prompt_embeds = torch.cat(hidden_states, dim=-1)

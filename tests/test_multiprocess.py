@@ -1,0 +1,61 @@
+"""Two processes (DDP over gloo on the CPU, launched with torchrun): training, accumulation, pivotal tuning,
+validation and an exact resume all work as on one GPU per process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def torchrun(output_dir: Path, model: Path, images: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONPATH": str(REPO)}
+    command = [
+        *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"),
+        str(REPO / "train_dreambooth_lora_sdxl_advanced.py"),
+        *("--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(images)),
+        *("--instance_prompt", "a photo of TOK toy", "--output_dir", str(output_dir), "--resolution", "64"),
+        *("--train_batch_size", "1", "--gradient_accumulation_steps", "2", "--max_train_steps", "4"),
+        *("--checkpointing_steps", "2", "--seed", "0", "--report_to", "none", "--lr_warmup_steps", "0"),
+        *("--train_text_encoder_ti", "--text_encoder_lr", "1e-2", "--lora_dropout", "0.1"),
+        *extra,
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_resume_exactly(tiny_model, demo_images, tmp_path):
+    full = tmp_path / "full"
+    result = torchrun(
+        full,
+        tiny_model,
+        demo_images,
+        "--validation_prompt",
+        "TOK",
+        "--validation_steps",
+        "2",
+        "--num_validation_images",
+        "1",
+        "--validation_inference_steps",
+        "1",
+    )
+    assert "x 2 processes" in result.stderr
+    assert sorted(p.name for p in (full / "validation").iterdir()) == ["final", "step-2", "step-4"]
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
+    torchrun(resumed, tiny_model, demo_images, "--resume_from_checkpoint", "latest")
+    for a, b in [("pytorch_lora_weights.safetensors",) * 2, ("full_emb.safetensors", "resumed_emb.safetensors")]:
+        left, right = load_file(full / a), load_file(resumed / b)
+        assert left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left), a
