@@ -388,7 +388,7 @@ def run_trainer(
         def update(self, n=1):
             synchronize(device)
             trainer_times.append(time.perf_counter() - resume[0])
-            profiling = profiler is not None and options.warmup_steps < len(trainer_times) < total
+            profiling = profiler is not None and options.warmup_steps <= len(trainer_times) < total
             if profiler is not None:
                 profiler.disable()
             if bare is not None:
@@ -409,7 +409,10 @@ def run_trainer(
         if profiler is not None:
             profiler.disable()
     if len(trainer_times) != total:
-        raise RuntimeError(f"expected {total} trainer steps, timed {len(trainer_times)}")
+        raise RuntimeError(
+            f"timed {len(trainer_times)} trainer steps instead of {total}: the timing hook relies on "
+            "sdxl_pivotal.train creating one `tqdm` progress bar and calling its update() once per optimizer step"
+        )
     if profiler is not None:
         profiler.dump_stats(profile_to)
     return dict(

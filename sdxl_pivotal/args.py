@@ -167,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("checkpoints, validation, logging, hub")
     g.add_argument("--output_dir", default="lora-dreambooth-model")
     _add_bool(g, "--overwrite_output_dir", False, "(ours) allow replacing the results of an earlier run")
+    _add_bool(
+        g,
+        "--bundle_embeddings",
+        True,
+        "(ours) with pivotal tuning, bundle the embeddings into the kohya file (A1111 bundle_emb)",
+    )
     g.add_argument("--checkpointing_steps", type=int, default=500, help="save the training state every N steps")
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep at most N checkpoints")
     g.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint folder, or "latest"')

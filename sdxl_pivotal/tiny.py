@@ -30,8 +30,8 @@ PRESETS: dict[str, dict] = {
         vae_channels=(16, 16, 32, 32),
     ),
     "small": dict(
-        unet_channels=(128, 256, 384),
-        unet_heads=(2, 4, 6),
+        unet_channels=(64, 128, 320),
+        unet_heads=(1, 2, 5),
         transformer_layers=(1, 2, 2),
         text_hidden=(64, 96),
         text_layers=4,

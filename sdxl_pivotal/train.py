@@ -20,7 +20,8 @@ from .card import create_hub_repo, upload_to_hub, write_model_card
 from .checkpoints import load_checkpoint, remove_partial_checkpoints, resolve_checkpoint, save_checkpoint
 from .class_images import ensure_class_images, generation_dtype, load_generation_pipeline
 from .data import Batch, DreamBoothDataset, ImageRecord, StepPlan, iterate_steps, load_records, open_image
-from .export import embeddings_file_name, save_diffusers_lora, save_safetensors
+from .export import embeddings_file_name, output_name, save_diffusers_lora, save_safetensors
+from .formats import save_kohya_lora
 from .losses import diffusion_loss, min_snr_weights, sample_noise, sample_timesteps, training_target
 from .models import SDXLParts, add_lora_adapters, load_sdxl, place_models, trained_models
 from .optim import create_lr_scheduler, create_optimizer, parameter_groups, trainable_parameters
@@ -52,11 +53,13 @@ def batch_loss(
 ) -> torch.Tensor:
     """The diffusion loss of one batch, with all sampling drawn from `generator`."""
     vae, scheduler = parts.vae, parts.noise_scheduler
-    device = parts.unet.device
+    # `module.device`/`.dtype` walk every submodule (~6 ms a step on the tiny model); one weight tells.
+    unet_weight = next(parts.unet.parameters())
+    device, vae_dtype = unet_weight.device, next(vae.parameters()).dtype
     with torch.no_grad():
-        pixels = batch.pixel_values.to(device, dtype=vae.dtype)
+        pixels = batch.pixel_values.to(device, dtype=vae_dtype)
         latents = vae.encode(pixels).latent_dist.sample(generator=generator) * vae.config.scaling_factor
-    latents = latents.to(parts.unet.dtype)
+    latents = latents.to(unet_weight.dtype)
 
     # Forward diffusion: x_t = sqrt(alpha_bar_t) * x_0 + sqrt(1 - alpha_bar_t) * noise.
     noise = sample_noise(latents, generator, args.noise_offset)
@@ -131,14 +134,26 @@ def text_training_stop(args: argparse.Namespace, total_steps: int) -> int:
     return 0
 
 
-def output_writer(output_dir: Path, models: dict[str, torch.nn.Module], tokens: PivotalTokens | None):
-    """A function writing the run's user-facing files into a folder (the output folder or a checkpoint)."""
+def output_writer(output_dir: Path, models: dict[str, torch.nn.Module], tokens: PivotalTokens | None, args):
+    """A function writing the run's user-facing files into a folder (the output folder or a checkpoint):
+    the diffusers LoRA, the embeddings (pivotal tuning) and the kohya file for AUTOMATIC1111 / ComfyUI."""
 
     def write_outputs(folder: Path) -> None:
-        save_diffusers_lora(folder, {name: m for name, m in models.items() if hasattr(m, "peft_config")})
+        lora_models = {name: m for name, m in models.items() if hasattr(m, "peft_config")}
+        save_diffusers_lora(folder, lora_models)
+        embeddings = None
         if tokens is not None:
-            encoders = [models["text_encoder"], models["text_encoder_2"]]
-            save_safetensors(embeddings_state(encoders), folder / embeddings_file_name(output_dir))
+            embeddings = embeddings_state([models["text_encoder"], models["text_encoder_2"]])
+            save_safetensors(embeddings, folder / embeddings_file_name(output_dir))
+        save_kohya_lora(
+            folder,
+            lora_models,
+            output_name(output_dir),
+            args.pretrained_model_name_or_path,
+            embeddings,
+            tokens,
+            bundle=args.bundle_embeddings,
+        )
 
     return write_outputs
 
@@ -240,7 +255,7 @@ def train(args: argparse.Namespace) -> Path:
     )
 
     unwrapped = {name: accelerator.unwrap_model(m) for name, m in wrapped.items()}
-    write_outputs = output_writer(output_dir, unwrapped, tokens)
+    write_outputs = output_writer(output_dir, unwrapped, tokens, args)
     start_step = 0
     if checkpoint is not None:
         start_step = load_checkpoint(checkpoint, models, optimizer, lr_scheduler, accelerator.scaler).step

@@ -68,6 +68,7 @@ def test_push_uploads_outputs_not_checkpoints(run_training, tmp_path, fake_hub, 
     assert fake_hub[1].uploaded == [
         "README.md",
         "pytorch_lora_weights.safetensors",
+        "tok-toy.safetensors",
         "tok-toy_emb.safetensors",
         "validation/final/0.png",
     ]
