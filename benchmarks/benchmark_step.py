@@ -70,6 +70,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -369,9 +370,11 @@ def run_trainer(
     device: torch.device,
     bare: BareStep | None = None,
     profile_to: str | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> dict:
     """Run `train(args)` with a tqdm whose `update()` times every optimizer step; with `bare`, run one bare
-    step inside every update, with the trainer's clock stopped (interleaved mode)."""
+    step inside every update, with the trainer's clock stopped (interleaved mode); `on_step(n)` is called,
+    untimed, after the n-th step."""
     trainer_times: list[float] = []
     bare_times: list[float] = []
     resume = [0.0]  # when the trainer's clock last (re)started
@@ -393,6 +396,8 @@ def run_trainer(
                 profiler.disable()
             if bare is not None:
                 bare_times.append(bare.timed_step())
+            if on_step is not None:
+                on_step(len(trainer_times))
             if profiling:
                 profiler.enable()
             synchronize(device)
