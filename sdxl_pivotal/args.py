@@ -88,6 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bool(g, "--random_flip", False, "random horizontal flip")
     g.add_argument("--image_interpolation_mode", default="lanczos", choices=INTERPOLATION_MODES, help="resize filter")
     g.add_argument("--dataloader_num_workers", type=int, default=0, help="data loader worker processes")
+    g.add_argument(
+        "--caption_extension",
+        default=".txt",
+        help="(ours) --instance_data_dir: the caption of photo.jpg is read from photo<ext> if it exists",
+    )
+    _add_bool(g, "--shuffle_caption", False, "(ours) shuffle the comma-separated tags of each caption")
+    g.add_argument("--keep_tokens", type=int, default=0, help="(ours) with --shuffle_caption, keep the first N tags")
+    g.add_argument(
+        "--caption_dropout", type=float, default=0.0, help="(ours) probability of training a sample with no caption"
+    )
     _add_bool(g, "--cache_latents", False, "encode images once with the VAE before training")
 
     g = parser.add_argument_group("pivotal tuning / text encoders")
@@ -264,6 +274,12 @@ def validate_args(args: argparse.Namespace) -> None:
         raise InputError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}.")
     if args.clip_skip is not None and args.clip_skip < 0:
         raise InputError(f"--clip_skip must be 0 or more, got {args.clip_skip}.")
+    if not args.caption_extension.startswith(".") or len(args.caption_extension) < 2:
+        raise InputError(f"--caption_extension must look like .txt or .caption, got {args.caption_extension!r}.")
+    if args.keep_tokens < 0:
+        raise InputError(f"--keep_tokens must be 0 or more, got {args.keep_tokens}.")
+    if not 0.0 <= args.caption_dropout < 1.0:
+        raise InputError(f"--caption_dropout must be in [0, 1), got {args.caption_dropout}.")
     if args.dataloader_num_workers < 0:
         raise InputError(f"--dataloader_num_workers must be 0 or more, got {args.dataloader_num_workers}.")
     if args.lora_unet_blocks is not None:

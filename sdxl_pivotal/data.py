@@ -88,21 +88,46 @@ class ImageRecord:
         return str(self.path) if self.path is not None else "dataset row"
 
 
-def records_from_folder(folder: Path, instance_prompt: str) -> list[ImageRecord]:
-    """Every image file in `folder` (sorted by name); each is decoded once here to fail early."""
+def records_from_folder(folder: Path, instance_prompt: str, caption_extension: str = ".txt") -> list[ImageRecord]:
+    """Every image file in `folder` (sorted by name), decoded once here to fail early. An image's caption is
+    the text of its sidecar file (`photo.jpg` + `photo.txt`), else `instance_prompt`."""
     if not folder.is_dir():
         raise InputError(f"--instance_data_dir {folder} is not a folder (missing, or a file); pass the image folder.")
     extensions = image_extensions()
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     images = [p for p in files if p.suffix.lower() in extensions]
-    others = [p.name for p in files if p.suffix.lower() not in extensions]
+    sidecars = {p.with_suffix(caption_extension) for p in images}
+    others = [p.name for p in files if p.suffix.lower() not in extensions and p not in sidecars]
     if others:
         logger.warning("Ignoring %d non-image file(s) in %s: %s", len(others), folder, ", ".join(others[:10]))
     if not images:
         raise InputError(f"--instance_data_dir {folder} holds no images ({', '.join(sorted(extensions)[:8])}, ...).")
+    records = []
     for path in images:
         open_image(path)
-    return [ImageRecord(caption=instance_prompt, path=path) for path in images]
+        records.append(ImageRecord(caption=sidecar_caption(path, caption_extension) or instance_prompt, path=path))
+    captioned = sum(path.with_suffix(caption_extension).is_file() for path in images)
+    logger.info(
+        "%d of %d images have a %s caption file; the others use --instance_prompt.",
+        captioned,
+        len(images),
+        caption_extension,
+    )
+    return records
+
+
+def sidecar_caption(image: Path, extension: str) -> str | None:
+    """The caption in the file beside `image` with `extension`, if there is one and it is not empty."""
+    sidecar = image.with_suffix(extension)
+    if not sidecar.is_file():
+        return None
+    try:
+        caption = " ".join(sidecar.read_text(encoding="utf-8").split())
+    except UnicodeDecodeError as error:
+        raise InputError(f"Caption file {sidecar} is not UTF-8 text ({error}). Re-save it as UTF-8.") from error
+    if not caption:
+        logger.warning("Caption file %s is empty; using --instance_prompt.", sidecar)
+    return caption or None
 
 
 def records_from_dataset(args: argparse.Namespace) -> list[ImageRecord]:
@@ -150,7 +175,7 @@ def _dataset_image(value: object, row: int, column: str) -> Image.Image:
 def load_records(args: argparse.Namespace) -> list[ImageRecord]:
     if args.dataset_name:
         return records_from_dataset(args)
-    return records_from_folder(Path(args.instance_data_dir), args.instance_prompt)
+    return records_from_folder(Path(args.instance_data_dir), args.instance_prompt, args.caption_extension)
 
 
 @dataclass
@@ -192,6 +217,19 @@ def crop_and_flip(
     return pixels / 127.5 - 1.0, (top, left)
 
 
+def transform_caption(caption: str, rng: np.random.Generator, shuffle: bool, keep_tokens: int, dropout: float) -> str:
+    """Caption augmentation: with probability `dropout` the empty caption (trains unconditional generation);
+    with `shuffle`, the comma-separated tags in random order, the first `keep_tokens` staying in front."""
+    if dropout and rng.random() < dropout:
+        return ""
+    if not shuffle:
+        return caption
+    tags = [tag.strip() for tag in caption.split(",")]
+    kept, rest = tags[:keep_tokens], tags[keep_tokens:]
+    rest = [rest[i] for i in rng.permutation(len(rest))]
+    return ", ".join(kept + rest)
+
+
 # Resized images kept in memory per worker, so a photo is decoded and resized once per run instead of
 # once per epoch (a 12 MP JPEG costs ~0.2 s to decode and resize). About 4 MB each at 1024 px.
 RESIZED_CACHE_IMAGES = 256
@@ -221,6 +259,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.center_crop = args.center_crop
         self.random_flip = args.random_flip
         self.interpolation = args.image_interpolation_mode
+        self.caption_options = (args.shuffle_caption, args.keep_tokens, args.caption_dropout)
         self.seed = seed
 
     def __len__(self) -> int:
@@ -229,6 +268,9 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> Sample:
         epoch, index = key
         sample = self._prepare(self.records[index % len(self.records)], [self.seed, epoch, index])
+        if any(self.caption_options):
+            rng = np.random.default_rng([self.seed, epoch, index, 2])
+            sample.caption = transform_caption(sample.caption, rng, *self.caption_options)
         if self.class_records:
             record = self.class_records[(epoch * len(self) + index) % len(self.class_records)]
             sample.prior = self._prepare(record, [self.seed, epoch, index, 1])

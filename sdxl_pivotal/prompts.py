@@ -37,16 +37,22 @@ def encode_tokens(
 class PromptEncoder:
     """Encodes captions; while the text encoders get no gradient, each distinct caption is encoded once."""
 
-    def __init__(self, tokenizers: list, text_encoders: list[torch.nn.Module], clip_skip: int | None):
+    def __init__(
+        self, tokenizers: list, text_encoders: list[torch.nn.Module], clip_skip: int | None, cache: bool = True
+    ):
         self.tokenizers = tokenizers
         self.text_encoders = text_encoders
         self.clip_skip = clip_skip
+        self.use_cache = cache  # off when captions rarely repeat (shuffled tags): it would only grow
         self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, prompts: list[str], trainable: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if trainable:
             self.cache.clear()  # encoder weights change every step: nothing cached stays valid
             return self._encode(prompts)
+        if not self.use_cache:
+            with torch.no_grad():
+                return self._encode(prompts)
         missing = sorted({p for p in prompts if p not in self.cache})
         if missing:
             with torch.no_grad():

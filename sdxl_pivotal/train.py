@@ -252,6 +252,7 @@ def train(args: argparse.Namespace) -> Path:
         [parts.tokenizer, parts.tokenizer_2],
         [wrapped.get(n, getattr(parts, n)) for n in ("text_encoder", "text_encoder_2")],
         args.clip_skip,
+        cache=not args.shuffle_caption,
     )
 
     unwrapped = {name: accelerator.unwrap_model(m) for name, m in wrapped.items()}

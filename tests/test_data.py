@@ -71,7 +71,16 @@ def dataset_args(tmp_path: Path, folder: Path, *extra: str) -> argparse.Namespac
 
 
 def dataset_of(records: list[ImageRecord], seed: int = 0, **flags) -> DreamBoothDataset:
-    options = dict(repeats=1, resolution=RES, center_crop=False, random_flip=False, image_interpolation_mode="lanczos")
+    options = dict(
+        repeats=1,
+        resolution=RES,
+        center_crop=False,
+        random_flip=False,
+        image_interpolation_mode="lanczos",
+        shuffle_caption=False,
+        keep_tokens=0,
+        caption_dropout=0.0,
+    )
     return DreamBoothDataset(records, argparse.Namespace(**{**options, **flags}), seed)
 
 
