@@ -88,6 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bool(g, "--random_flip", False, "random horizontal flip")
     g.add_argument("--image_interpolation_mode", default="lanczos", choices=INTERPOLATION_MODES, help="resize filter")
     g.add_argument("--dataloader_num_workers", type=int, default=0, help="data loader worker processes")
+    _add_bool(g, "--aspect_ratio_bucketing", False, "(ours) train each image at a size close to its aspect ratio")
+    g.add_argument(
+        "--bucket_min_side", type=int, default=None, help="(ours) smallest bucket side; default resolution/2"
+    )
+    g.add_argument(
+        "--bucket_max_side", type=int, default=None, help="(ours) largest bucket side; default resolution*2"
+    )
+    g.add_argument("--bucket_step", type=int, default=64, help="(ours) bucket sides are multiples of this")
+    _add_bool(g, "--bucket_upscale", False, "(ours) let images smaller than their bucket be upscaled")
     g.add_argument(
         "--caption_extension",
         default=".txt",
@@ -215,6 +224,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     validate_args(args)
     if args.lora_alpha is None:
         args.lora_alpha = float(args.rank)  # the reference's choice: scale 1
+    step = args.bucket_step
+    if args.bucket_min_side is None:
+        args.bucket_min_side = max(step, args.resolution // 2 // step * step)
+    if args.bucket_max_side is None:
+        args.bucket_max_side = args.resolution * 2 // step * step
     return args
 
 
@@ -276,6 +290,14 @@ def validate_args(args: argparse.Namespace) -> None:
         raise InputError(f"--clip_skip must be 0 or more, got {args.clip_skip}.")
     if not args.caption_extension.startswith(".") or len(args.caption_extension) < 2:
         raise InputError(f"--caption_extension must look like .txt or .caption, got {args.caption_extension!r}.")
+    if args.bucket_step < 8 or args.bucket_step % 8:
+        raise InputError(f"--bucket_step must be a positive multiple of 8 (the VAE's scale), got {args.bucket_step}.")
+    for flag in ("bucket_min_side", "bucket_max_side"):
+        value = getattr(args, flag)
+        if value is not None and (value < args.bucket_step or value % args.bucket_step):
+            raise InputError(f"--{flag} must be a positive multiple of --bucket_step {args.bucket_step}, got {value}.")
+    if args.bucket_min_side and args.bucket_max_side and args.bucket_min_side > args.bucket_max_side:
+        raise InputError("--bucket_min_side is larger than --bucket_max_side.")
     if args.keep_tokens < 0:
         raise InputError(f"--keep_tokens must be 0 or more, got {args.keep_tokens}.")
     if not 0.0 <= args.caption_dropout < 1.0:

@@ -13,6 +13,7 @@ import argparse
 import io
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,9 +80,16 @@ class ImageRecord:
     caption: str
     path: Path | None = None
     image: Image.Image | None = None
+    size: tuple[int, int] | None = None  # (width, height), upright; filled when the image is first decoded
 
     def load(self) -> Image.Image:
-        return open_image(self.path) if self.path is not None else to_rgb(self.image)
+        image = open_image(self.path) if self.path is not None else to_rgb(self.image)
+        self.size = image.size
+        return image
+
+    def dimensions(self) -> tuple[int, int]:
+        """(width, height) of the upright image."""
+        return self.size if self.size is not None else self.load().size
 
     @property
     def name(self) -> str:
@@ -104,8 +112,8 @@ def records_from_folder(folder: Path, instance_prompt: str, caption_extension: s
         raise InputError(f"--instance_data_dir {folder} holds no images ({', '.join(sorted(extensions)[:8])}, ...).")
     records = []
     for path in images:
-        open_image(path)
-        records.append(ImageRecord(caption=sidecar_caption(path, caption_extension) or instance_prompt, path=path))
+        caption = sidecar_caption(path, caption_extension) or instance_prompt
+        records.append(ImageRecord(caption=caption, path=path, size=open_image(path).size))
     captioned = sum(path.with_suffix(caption_extension).is_file() for path in images)
     logger.info(
         "%d of %d images have a %s caption file; the others use --instance_prompt.",
@@ -157,7 +165,7 @@ def records_from_dataset(args: argparse.Namespace) -> list[ImageRecord]:
         if not isinstance(caption, str) or not caption.strip():
             logger.warning("Row %d has no caption; using --instance_prompt.", i)
             caption = args.instance_prompt
-        records.append(ImageRecord(caption=caption, image=image))
+        records.append(ImageRecord(caption=caption, image=image, size=image.size))
     return records
 
 
@@ -190,29 +198,29 @@ class Sample:
     prior: Sample | None = None  # with prior preservation: the class image paired with this one
 
 
-def resize_short_side(image: Image.Image, resolution: int, interpolation: str) -> Image.Image:
-    """Scale so that the short side is `resolution` (the long side keeps the aspect ratio)."""
-    scale = resolution / min(image.width, image.height)
-    width, height = max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))
+def resize_to_cover(image: Image.Image, size: tuple[int, int], interpolation: str) -> Image.Image:
+    """Scale, keeping the aspect ratio, to the smallest size that covers `size` (width, height)."""
+    scale = max(size[0] / image.width, size[1] / image.height)
+    width, height = max(size[0], round(image.width * scale)), max(size[1], round(image.height * scale))
     return image.resize((width, height), resample=_PIL_FILTERS[interpolation])
 
 
 def crop_and_flip(
-    image: Image.Image, resolution: int, rng: np.random.Generator, center_crop: bool, random_flip: bool
+    image: Image.Image, size: tuple[int, int], rng: np.random.Generator, center_crop: bool, random_flip: bool
 ) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Crop a `resolution` square from a resized image, maybe flip it; return pixels in [-1, 1] and the crop's
+    """Crop `size` (width, height) from a resized image, maybe flip it; return pixels in [-1, 1] and the crop's
     top-left in the resized image's pixels, as SDXL was trained to expect."""
-    width, height = image.size
+    (width, height), (crop_width, crop_height) = image.size, size
     if center_crop:
-        top, left = (height - resolution) // 2, (width - resolution) // 2
+        top, left = (height - crop_height) // 2, (width - crop_width) // 2
     else:
-        top = int(rng.integers(0, height - resolution + 1))
-        left = int(rng.integers(0, width - resolution + 1))
-    image = image.crop((left, top, left + resolution, top + resolution))
+        top = int(rng.integers(0, height - crop_height + 1))
+        left = int(rng.integers(0, width - crop_width + 1))
+    image = image.crop((left, top, left + crop_width, top + crop_height))
     if random_flip and rng.random() < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         # SDXL conditions on where the crop was taken; mirrored, the crop's left edge mirrors too.
-        left = width - left - resolution
+        left = width - left - crop_width
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
     return pixels / 127.5 - 1.0, (top, left)
 
@@ -253,7 +261,8 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     ):
         self.records = records
         self.class_records = class_records or []
-        self._resized: dict[int, tuple[Image.Image, tuple[int, int]]] = {}
+        self._resized: dict[tuple[int, tuple[int, int]], tuple[Image.Image, tuple[int, int]]] = {}
+        self.sizes = training_sizes(records, args)  # (width, height) of each record: a square or its bucket
         self.repeats = args.repeats
         self.resolution = args.resolution
         self.center_crop = args.center_crop
@@ -267,30 +276,44 @@ class DreamBoothDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> Sample:
         epoch, index = key
-        sample = self._prepare(self.records[index % len(self.records)], [self.seed, epoch, index])
+        size = self.sizes[index % len(self.records)]
+        sample = self._prepare(self.records[index % len(self.records)], size, [self.seed, epoch, index])
         if any(self.caption_options):
             rng = np.random.default_rng([self.seed, epoch, index, 2])
             sample.caption = transform_caption(sample.caption, rng, *self.caption_options)
         if self.class_records:
             record = self.class_records[(epoch * len(self) + index) % len(self.class_records)]
-            sample.prior = self._prepare(record, [self.seed, epoch, index, 1])
+            sample.prior = self._prepare(record, size, [self.seed, epoch, index, 1])  # same size: one batch
         return sample
 
-    def _prepare(self, record: ImageRecord, rng_key: list[int]) -> Sample:
-        resized, original_size = self._resized_image(record)
+    def _prepare(self, record: ImageRecord, size: tuple[int, int], rng_key: list[int]) -> Sample:
+        resized, original_size = self._resized_image(record, size)
         rng = np.random.default_rng(rng_key)
-        pixels, crop = crop_and_flip(resized, self.resolution, rng, self.center_crop, self.random_flip)
-        return Sample(pixels, record.caption, original_size, crop, (self.resolution, self.resolution))
+        pixels, crop = crop_and_flip(resized, size, rng, self.center_crop, self.random_flip)
+        return Sample(pixels, record.caption, original_size, crop, (size[1], size[0]))
 
-    def _resized_image(self, record: ImageRecord) -> tuple[Image.Image, tuple[int, int]]:
-        """The record's image resized to the training resolution, and its original (height, width)."""
-        cached = self._resized.get(id(record))
+    def _resized_image(self, record: ImageRecord, size: tuple[int, int]) -> tuple[Image.Image, tuple[int, int]]:
+        """The record's image resized to cover `size`, and its original (height, width)."""
+        key = (id(record), size)
+        cached = self._resized.get(key)
         if cached is None:
             image = record.load()
-            cached = (resize_short_side(image, self.resolution, self.interpolation), (image.height, image.width))
+            cached = (resize_to_cover(image, size, self.interpolation), (image.height, image.width))
             if len(self._resized) < RESIZED_CACHE_IMAGES:
-                self._resized[id(record)] = cached
+                self._resized[key] = cached
         return cached
+
+
+def training_sizes(records: list[ImageRecord], args: argparse.Namespace) -> list[tuple[int, int]]:
+    """The (width, height) each record is trained at: the --resolution square, or its aspect-ratio bucket."""
+    if not args.aspect_ratio_bucketing:
+        return [(args.resolution, args.resolution)] * len(records)
+    from .buckets import assign_bucket, log_bucket_table, make_buckets
+
+    buckets = make_buckets(args.resolution, args.bucket_min_side, args.bucket_max_side, args.bucket_step)
+    sizes = [assign_bucket(r.dimensions(), buckets, args.bucket_step, args.bucket_upscale) for r in records]
+    log_bucket_table(sizes)
+    return sizes
 
 
 @dataclass
@@ -322,6 +345,10 @@ class StepPlan:
     wrapping around to a multiple of the process count and dealt out round-robin, so every process runs the
     same number of batches. Micro-batches are grouped `accumulation` at a time into optimizer steps; the last
     step of an epoch may have fewer.
+
+    With `groups` (the aspect-ratio bucket of every sample), each batch holds samples of one group only: the
+    permuted samples are cut into batches group by group, the batches are shuffled, padded by wrapping to a
+    multiple of the process count, and dealt out round-robin.
     """
 
     def __init__(
@@ -332,6 +359,7 @@ class StepPlan:
         seed: int,
         num_processes: int = 1,
         process_index: int = 0,
+        groups: list[object] | None = None,
     ):
         self.num_samples = num_samples
         self.batch_size = batch_size
@@ -339,17 +367,39 @@ class StepPlan:
         self.seed = seed
         self.num_processes = num_processes
         self.process_index = process_index
-        per_process = math.ceil(num_samples / num_processes)
-        self.batches_per_epoch = math.ceil(per_process / batch_size)
+        self.groups = groups if groups is not None and len(set(groups)) > 1 else None
+        if self.groups is None:
+            self.batches_per_epoch = math.ceil(math.ceil(num_samples / num_processes) / batch_size)
+        else:
+            total = sum(math.ceil(n / batch_size) for n in Counter(self.groups).values())
+            self.batches_per_epoch = math.ceil(total / num_processes)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / accumulation)
 
     def epoch_batches(self, epoch: int) -> list[list[tuple[int, int]]]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         order = torch.randperm(self.num_samples, generator=generator).tolist()
+        if self.groups is not None:
+            return self._grouped_batches(epoch, order, generator)
         padded = math.ceil(self.num_samples / self.num_processes) * self.num_processes
         order = (order * math.ceil(padded / self.num_samples))[:padded]
         mine = order[self.process_index :: self.num_processes]
         return [[(epoch, i) for i in mine[b : b + self.batch_size]] for b in range(0, len(mine), self.batch_size)]
+
+    def _grouped_batches(
+        self, epoch: int, order: list[int], generator: torch.Generator
+    ) -> list[list[tuple[int, int]]]:
+        by_group: dict[object, list[int]] = {}
+        for i in order:
+            by_group.setdefault(self.groups[i], []).append(i)
+        batches = [
+            members[b : b + self.batch_size]
+            for members in by_group.values()
+            for b in range(0, len(members), self.batch_size)
+        ]
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        padded = self.batches_per_epoch * self.num_processes
+        batches = (batches * math.ceil(padded / len(batches)))[:padded]
+        return [[(epoch, i) for i in batch] for batch in batches[self.process_index :: self.num_processes]]
 
     def step_groups(self, epoch: int) -> list[list[list[tuple[int, int]]]]:
         """The epoch's batches grouped into optimizer steps."""

@@ -214,6 +214,7 @@ def train(args: argparse.Namespace) -> Path:
         seed,
         accelerator.num_processes,
         accelerator.process_index,
+        groups=[dataset.sizes[i % len(records)] for i in range(len(dataset))],
     )
     total_steps = args.max_train_steps or args.num_train_epochs * plan.steps_per_epoch
     num_epochs = math.ceil(total_steps / plan.steps_per_epoch)

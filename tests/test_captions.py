@@ -71,7 +71,7 @@ def test_dataset_applies_caption_options_per_epoch(captioned):
     records = records_from_folder(captioned, "TOK, x, y, z, w")
     flags = dict(
         repeats=1, resolution=64, center_crop=True, random_flip=False, image_interpolation_mode="lanczos",
-        shuffle_caption=True, keep_tokens=1, caption_dropout=0.0,
+        shuffle_caption=True, keep_tokens=1, caption_dropout=0.0, aspect_ratio_bucketing=False,
     )  # fmt: skip
     dataset = DreamBoothDataset(records, Namespace(**flags), seed=0)
     by_epoch = [dataset[(epoch, 1)].caption for epoch in range(8)]

@@ -80,6 +80,7 @@ def dataset_of(records: list[ImageRecord], seed: int = 0, **flags) -> DreamBooth
         shuffle_caption=False,
         keep_tokens=0,
         caption_dropout=0.0,
+        aspect_ratio_bucketing=False,
     )
     return DreamBoothDataset(records, argparse.Namespace(**{**options, **flags}), seed)
 

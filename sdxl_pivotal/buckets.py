@@ -1,0 +1,48 @@
+"""Aspect-ratio buckets: train each photo at a size close to its own shape instead of a centre square.
+
+Buckets are (width, height) pairs, multiples of `step`, with about resolution² pixels. Each image goes to the
+bucket whose aspect ratio is closest to its own; every batch comes from one bucket (see `data.StepPlan`).
+Small images are not upscaled unless asked: their bucket shrinks to what they cover.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+
+logger = logging.getLogger(__name__)
+
+Size = tuple[int, int]  # (width, height)
+
+
+def make_buckets(resolution: int, min_side: int, max_side: int, step: int) -> list[Size]:
+    """For every width from `min_side` to `max_side`, the tallest height (a multiple of `step`, within the
+    side limits) with at most resolution² pixels; sorted by aspect ratio."""
+    max_area = resolution * resolution
+    buckets = set()
+    for width in range(min_side, max_side + 1, step):
+        height = min(max_side, (max_area // width) // step * step)
+        if height >= min_side:
+            buckets.add((width, height))
+    return sorted(buckets, key=lambda size: size[0] / size[1])
+
+
+def assign_bucket(image_size: Size, buckets: list[Size], step: int, upscale: bool) -> Size:
+    """The bucket for an image of `image_size`: closest aspect ratio (in log scale, so 2:1 and 1:2 are equally
+    far from 1:1). Without `upscale`, an image smaller than that bucket gets the largest bucket of the same
+    shape that it covers, rounded down to `step`."""
+    width, height = image_size
+    log_ratio = math.log(width / height)
+    bucket = min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - log_ratio), -b[0] * b[1]))
+    shrink = min(width / bucket[0], height / bucket[1])
+    if upscale or shrink >= 1.0:
+        return bucket
+    return max(step, int(bucket[0] * shrink) // step * step), max(step, int(bucket[1] * shrink) // step * step)
+
+
+def log_bucket_table(sizes: list[Size]) -> None:
+    """One log line per bucket in use: size, aspect ratio, number of images."""
+    counts = Counter(sizes)
+    lines = [f"  {w:>5} x {h:<5} (aspect {w / h:.2f}): {n} image(s)" for (w, h), n in sorted(counts.items())]
+    logger.info("Aspect-ratio buckets (%d in use):\n%s", len(counts), "\n".join(lines))
