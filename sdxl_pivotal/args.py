@@ -20,7 +20,6 @@ from .errors import InputError
 # accepted (so existing command lines parse), but asking for the feature stops the run at once.
 NOT_YET = {
     "do_edm_style_training": "EDM-style training",
-    "cache_latents": "latent caching",
 }
 
 LR_SCHEDULERS = (
@@ -108,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--caption_dropout", type=float, default=0.0, help="(ours) probability of training a sample with no caption"
     )
     _add_bool(g, "--cache_latents", False, "encode images once with the VAE before training")
+    g.add_argument(
+        "--latents_cache_dir",
+        default=None,
+        help="(ours) with --cache_latents, also keep the latents here on disk for later runs on the same data",
+    )
 
     g = parser.add_argument_group("pivotal tuning / text encoders")
     _add_bool(g, "--train_text_encoder_ti", False, "pivotal tuning: train embeddings of new tokens")

@@ -190,12 +190,13 @@ def load_records(args: argparse.Namespace) -> list[ImageRecord]:
 class Sample:
     """One image ready for the model, with SDXL's micro-conditioning (all as (height, width) / (top, left))."""
 
-    pixel_values: torch.Tensor  # [3, H, W] in [-1, 1]
+    pixel_values: torch.Tensor | None  # [3, H, W] in [-1, 1]; None when cached latents stand in
     caption: str
     original_size: tuple[int, int]
     crop_top_left: tuple[int, int]
     target_size: tuple[int, int]
     prior: Sample | None = None  # with prior preservation: the class image paired with this one
+    latent_params: torch.Tensor | None = None  # --cache_latents: the VAE posterior's mean and log-variance
 
 
 def resize_to_cover(image: Image.Image, size: tuple[int, int], interpolation: str) -> Image.Image:
@@ -263,6 +264,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.class_records = class_records or []
         self._resized: dict[tuple[int, tuple[int, int]], tuple[Image.Image, tuple[int, int]]] = {}
         self.sizes = training_sizes(records, args)  # (width, height) of each record: a square or its bucket
+        self.latent_cache: dict | None = None  # set by latents.build_latent_cache with --cache_latents
         self.repeats = args.repeats
         self.resolution = args.resolution
         self.center_crop = args.center_crop
@@ -277,14 +279,35 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> Sample:
         epoch, index = key
         size = self.sizes[index % len(self.records)]
+        if self.latent_cache is not None:
+            return self._cached_sample(epoch, index, size)
         sample = self._prepare(self.records[index % len(self.records)], size, [self.seed, epoch, index])
-        if any(self.caption_options):
-            rng = np.random.default_rng([self.seed, epoch, index, 2])
-            sample.caption = transform_caption(sample.caption, rng, *self.caption_options)
+        sample.caption = self._caption(sample.caption, epoch, index)
         if self.class_records:
             record = self.class_records[(epoch * len(self) + index) % len(self.class_records)]
             sample.prior = self._prepare(record, size, [self.seed, epoch, index, 1])  # same size: one batch
         return sample
+
+    def _caption(self, caption: str, epoch: int, index: int) -> str:
+        if not any(self.caption_options):
+            return caption
+        return transform_caption(caption, np.random.default_rng([self.seed, epoch, index, 2]), *self.caption_options)
+
+    def _cached_sample(self, epoch: int, index: int, size: tuple[int, int]) -> Sample:
+        """The sample from cached latents: only the flip (and the caption) change from epoch to epoch."""
+        flipped = self.random_flip and np.random.default_rng([self.seed, epoch, index]).random() < 0.5
+        record_index = index % len(self.records)
+        sample = self._from_cache((False, record_index, size, flipped), self.records[record_index].caption, size)
+        sample.caption = self._caption(sample.caption, epoch, index)
+        if self.class_records:
+            class_index = (epoch * len(self) + index) % len(self.class_records)
+            caption = self.class_records[class_index].caption
+            sample.prior = self._from_cache((True, class_index, size, flipped), caption, size)
+        return sample
+
+    def _from_cache(self, key: tuple, caption: str, size: tuple[int, int]) -> Sample:
+        entry = self.latent_cache[key]
+        return Sample(None, caption, entry.original_size, entry.crop_top_left, (size[1], size[0]), None, entry.params)
 
     def _prepare(self, record: ImageRecord, size: tuple[int, int], rng_key: list[int]) -> Sample:
         resized, original_size = self._resized_image(record, size)
@@ -320,21 +343,24 @@ def training_sizes(records: list[ImageRecord], args: argparse.Namespace) -> list
 class Batch:
     """Instance samples, then (with prior preservation) their paired class samples: the last `num_prior`."""
 
-    pixel_values: torch.Tensor  # [B, 3, H, W]
+    pixel_values: torch.Tensor | None  # [B, 3, H, W]
     captions: list[str]
     time_ids: torch.Tensor  # [B, 6]: original (h, w), crop (top, left), target (h, w)
     num_prior: int = 0
+    latent_params: torch.Tensor | None = None  # [B, 2C, h, w] with --cache_latents, instead of pixels
 
 
 def collate(samples: list[Sample]) -> Batch:
     priors = [s.prior for s in samples if s.prior is not None]
     everything = samples + priors
     time_ids = [list(s.original_size + s.crop_top_left + s.target_size) for s in everything]
+    cached = everything[0].latent_params is not None
     return Batch(
-        pixel_values=torch.stack([s.pixel_values for s in everything]).contiguous(),
+        pixel_values=None if cached else torch.stack([s.pixel_values for s in everything]).contiguous(),
         captions=[s.caption for s in everything],
         time_ids=torch.tensor(time_ids, dtype=torch.float32),
         num_prior=len(priors),
+        latent_params=torch.stack([s.latent_params for s in everything]) if cached else None,
     )
 
 

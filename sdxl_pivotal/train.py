@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, broadcast_object_list
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from tqdm.auto import tqdm
 
 from .card import create_hub_repo, upload_to_hub, write_model_card
@@ -22,6 +23,7 @@ from .class_images import ensure_class_images, generation_dtype, load_generation
 from .data import Batch, DreamBoothDataset, ImageRecord, StepPlan, iterate_steps, load_records, open_image
 from .export import embeddings_file_name, output_name, save_diffusers_lora, save_safetensors
 from .formats import save_kohya_lora
+from .latents import build_latent_cache
 from .losses import diffusion_loss, min_snr_weights, sample_noise, sample_timesteps, training_target
 from .models import SDXLParts, add_lora_adapters, load_sdxl, place_models, trained_models
 from .optim import create_lr_scheduler, create_optimizer, parameter_groups, trainable_parameters
@@ -57,8 +59,11 @@ def batch_loss(
     unet_weight = next(parts.unet.parameters())
     device, vae_dtype = unet_weight.device, next(vae.parameters()).dtype
     with torch.no_grad():
-        pixels = batch.pixel_values.to(device, dtype=vae_dtype)
-        latents = vae.encode(pixels).latent_dist.sample(generator=generator) * vae.config.scaling_factor
+        if batch.latent_params is not None:  # --cache_latents: the same posterior, encoded before training
+            posterior = DiagonalGaussianDistribution(batch.latent_params.to(device, dtype=vae_dtype))
+        else:
+            posterior = vae.encode(batch.pixel_values.to(device, dtype=vae_dtype)).latent_dist
+        latents = posterior.sample(generator=generator) * vae.config.scaling_factor
     latents = latents.to(unet_weight.dtype)
 
     # Forward diffusion: x_t = sqrt(alpha_bar_t) * x_0 + sqrt(1 - alpha_bar_t) * noise.
@@ -237,6 +242,10 @@ def train(args: argparse.Namespace) -> Path:
         torch.backends.cuda.matmul.allow_tf32 = True
     weight_dtype = WEIGHT_DTYPES.get(accelerator.mixed_precision, torch.float32)
     place_models(parts, accelerator.device, weight_dtype, vae_fp32=not args.pretrained_vae_model_name_or_path)
+    if args.cache_latents:
+        cache_dir = Path(args.latents_cache_dir) if args.latents_cache_dir else None
+        dataset.latent_cache = build_latent_cache(dataset, parts.vae, cache_dir)
+        parts.vae.to("cpu")  # needed again only to decode validation images
     models = trained_models(parts, args)
 
     if args.scale_lr:

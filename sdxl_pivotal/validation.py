@@ -69,9 +69,13 @@ def validate_during_training(accelerator, parts, models: dict, args, prompt: str
     modules = [models["unet"], *encoders]
     for module in modules:
         module.eval()
+    # With --cache_latents the VAE waits on the CPU; it decodes on the training device.
+    vae_device = next(parts.vae.parameters()).device
+    parts.vae.to(next(models["unet"].parameters()).device)
     try:
         images = generate(sdxl_pipeline(parts, models["unet"], encoders), args, prompt, seed, accelerator.autocast)
     finally:
+        parts.vae.to(vae_device)
         for module in models.values():
             module.train()
     publish(accelerator, images, Path(args.output_dir) / "validation" / f"step-{step}", prompt, step, "validation")

@@ -208,7 +208,6 @@ def test_resume_from_a_missing_checkpoint(argv):
 
 NOT_YET_FEATURES = {
     "--do_edm_style_training": (["--do_edm_style_training", "true"], "EDM"),
-    "--cache_latents": (["--cache_latents=1"], "latent caching"),
 }
 
 
