@@ -163,6 +163,18 @@ def output_writer(output_dir: Path, models: dict[str, torch.nn.Module], tokens: 
     return write_outputs
 
 
+def prompts_to_precompute(args, accelerator: Accelerator, dataset: DreamBoothDataset) -> list[str] | None:
+    """Every caption training can use, when that is a fixed list and the encoders may leave the device once
+    they are frozen; else None. Not with shuffled captions (too many), nor with several processes while the
+    encoders are wrapped for distributed training."""
+    if args.shuffle_caption:
+        return None
+    if accelerator.num_processes > 1 and (args.train_text_encoder or args.train_text_encoder_ti):
+        return None
+    prompts = [r.caption for r in dataset.records] + [r.caption for r in dataset.class_records]
+    return prompts + ([""] if args.caption_dropout else [])
+
+
 def load_class_records(
     args: argparse.Namespace, accelerator: Accelerator, seed: int, tokens: PivotalTokens | None
 ) -> list[ImageRecord]:
@@ -291,11 +303,14 @@ def train(args: argparse.Namespace) -> Path:
     for model in wrapped.values():
         model.train()
 
+    precompute = prompts_to_precompute(args, accelerator, dataset)
     for step, micro_batches in iterate_steps(dataset, plan, start_step, args.dataloader_num_workers):
         if step >= total_steps:
             break
         generator = step_generator(seed, step, accelerator.process_index)
         text_trainable = step < text_encoder_stop
+        if not text_trainable and precompute is not None and not encode_prompts.offloaded:
+            encode_prompts.encode_all_then_offload(precompute)
         step_loss = 0.0
         for i, batch in enumerate(micro_batches):
             # Only the last micro-batch of a step synchronises gradients across processes.

@@ -69,13 +69,16 @@ def validate_during_training(accelerator, parts, models: dict, args, prompt: str
     modules = [models["unet"], *encoders]
     for module in modules:
         module.eval()
-    # With --cache_latents the VAE waits on the CPU; it decodes on the training device.
-    vae_device = next(parts.vae.parameters()).device
-    parts.vae.to(next(models["unet"].parameters()).device)
+    # Cached latents and prompts leave the VAE and text encoders on the CPU; they work on the training device.
+    visitors = [parts.vae, *encoders]
+    homes = [next(module.parameters()).device for module in visitors]
+    for module in visitors:
+        module.to(next(models["unet"].parameters()).device)
     try:
         images = generate(sdxl_pipeline(parts, models["unet"], encoders), args, prompt, seed, accelerator.autocast)
     finally:
-        parts.vae.to(vae_device)
+        for module, home in zip(visitors, homes, strict=True):
+            module.to(home)
         for module in models.values():
             module.train()
     publish(accelerator, images, Path(args.output_dir) / "validation" / f"step-{step}", prompt, step, "validation")
