@@ -200,6 +200,31 @@ def load_class_records(
     return [ImageRecord(caption=prompt, path=path) for path in paths]
 
 
+def build_models(
+    args: argparse.Namespace, accelerator: Accelerator, tokens: PivotalTokens | None, seed: int
+) -> tuple[SDXLParts, torch.dtype]:
+    """Load SDXL, attach the LoRA adapters and the new tokens, and place everything on the device.
+    Returns the parts and the dtype of the frozen weights."""
+    parts = load_sdxl(args)
+    torch.manual_seed(seed)  # the LoRA down-projections start random: same seed, same start
+    add_lora_adapters(parts, args)
+    if tokens is not None:
+        encoders = [parts.text_encoder, parts.text_encoder_2]
+        add_new_tokens([parts.tokenizer, parts.tokenizer_2], encoders, tokens, args.initializer_token)
+    if args.gradient_checkpointing:
+        parts.unet.enable_gradient_checkpointing()
+        if args.train_text_encoder or args.train_text_encoder_ti:
+            parts.text_encoder.gradient_checkpointing_enable()
+            parts.text_encoder_2.gradient_checkpointing_enable()
+    if args.enable_xformers_memory_efficient_attention:
+        parts.unet.enable_xformers_memory_efficient_attention()
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    weight_dtype = WEIGHT_DTYPES.get(accelerator.mixed_precision, torch.float32)
+    place_models(parts, accelerator.device, weight_dtype, vae_fp32=not args.pretrained_vae_model_name_or_path)
+    return parts, weight_dtype
+
+
 def train(args: argparse.Namespace) -> Path:
     """Run the training `args` describe; return the output folder."""
     output_dir = Path(args.output_dir)
@@ -237,23 +262,7 @@ def train(args: argparse.Namespace) -> Path:
     num_epochs = math.ceil(total_steps / plan.steps_per_epoch)
     text_encoder_stop = text_training_stop(args, total_steps)
 
-    parts = load_sdxl(args)
-    torch.manual_seed(seed)  # the LoRA down-projections start random: same seed, same start
-    add_lora_adapters(parts, args)
-    if tokens is not None:
-        encoders = [parts.text_encoder, parts.text_encoder_2]
-        add_new_tokens([parts.tokenizer, parts.tokenizer_2], encoders, tokens, args.initializer_token)
-    if args.gradient_checkpointing:
-        parts.unet.enable_gradient_checkpointing()
-        if args.train_text_encoder or args.train_text_encoder_ti:
-            parts.text_encoder.gradient_checkpointing_enable()
-            parts.text_encoder_2.gradient_checkpointing_enable()
-    if args.enable_xformers_memory_efficient_attention:
-        parts.unet.enable_xformers_memory_efficient_attention()
-    if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-    weight_dtype = WEIGHT_DTYPES.get(accelerator.mixed_precision, torch.float32)
-    place_models(parts, accelerator.device, weight_dtype, vae_fp32=not args.pretrained_vae_model_name_or_path)
+    parts, weight_dtype = build_models(args, accelerator, tokens, seed)
     if args.cache_latents:
         cache_dir = Path(args.latents_cache_dir) if args.latents_cache_dir else None
         dataset.latent_cache = build_latent_cache(dataset, parts.vae, cache_dir)

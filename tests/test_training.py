@@ -223,3 +223,20 @@ def test_text_encoder_lora_stops_at_its_fraction(run_training, tmp_path):
     for later in states[2:]:
         assert all(torch.equal(states[1][k], later[k]) for k in text_keys), "frozen after the pivot"
         assert any(not torch.equal(states[1][k], later[k]) for k in unet_keys), "the UNet keeps training"
+
+
+def test_gradient_checkpointing_gives_the_same_weights(run_training, tmp_path):
+    flags = ("--max_train_steps", "2", "--train_text_encoder_ti", "--text_encoder_lr", "1e-2")
+    plain = lora_file(run_training(tmp_path / "plain", *flags))
+    checkpointed = lora_file(run_training(tmp_path / "gc", *flags, "--gradient_checkpointing"))
+    for key in plain:
+        torch.testing.assert_close(plain[key], checkpointed[key], rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_mixed_precision_trains_with_float32_lora(run_training, tmp_path):
+    """bf16 autocast (the CPU supports it): frozen weights in bf16, LoRA and new embeddings kept in float32."""
+    flags = ("--max_train_steps", "2", "--checkpointing_steps", "2", "--mixed_precision", "bf16")
+    out = run_training(tmp_path / "run", *flags, "--train_text_encoder_ti")
+    state = load_file(out / "checkpoint-2" / PARAMS_FILE)
+    assert any(k.endswith("new_rows") for k in state) and all(t.dtype == torch.float32 for t in state.values())
+    assert all(torch.isfinite(t).all() for t in lora_file(out).values())

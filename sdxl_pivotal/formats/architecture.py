@@ -70,7 +70,9 @@ def empty_sdxl_models(base: str | Path | None = None) -> dict[str, torch.nn.Modu
         if missing:
             raise InputError(f"{base} is not an SDXL pipeline folder: it has no {', '.join(missing)}.")
         unet_config = UNet2DConditionModel.load_config(base, subfolder="unet")
-        text_configs = {part: CLIPTextConfig.from_pretrained(base, subfolder=part) for part in SDXL_TEXT_ENCODER_CONFIGS}
+        text_configs = {
+            part: CLIPTextConfig.from_pretrained(base, subfolder=part) for part in SDXL_TEXT_ENCODER_CONFIGS
+        }
     with init_empty_weights():
         return {
             "unet": UNet2DConditionModel.from_config(unet_config),

@@ -6,12 +6,14 @@ For each adapted module `<kohya name>` (see `names.py`) it holds `lora_down.weig
 embeddings can ride along as `bundle_emb.<name>.clip_l` / `.clip_g` (A1111's bundled embeddings), and the
 safetensors metadata carries kohya's `ss_*` keys, so the UIs list it as an SDXL LoRA.
 
-`kohya_to_peft` reads such a file back into PEFT state dicts and configs for our models.
+`kohya_to_peft` reads such a file back into PEFT state dicts and configs for our models; `peft_to_kohya` goes the
+other way for PEFT state read from a file (a diffusers LoRA file) rather than from live PEFT layers.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from collections.abc import Mapping
@@ -25,7 +27,7 @@ from peft.tuners.lora import LoraLayer
 from ..checkpoints import OPTIMIZER_FILE, PARAMS_FILE
 from ..export import LORA_WEIGHTS_NAME, save_safetensors
 from ..tokens import EMBEDDING_KEYS, PivotalTokens
-from .names import kohya_module_names, modules_by_kohya_name
+from .names import KOHYA_PREFIXES, canonical_module_path, kohya_module_names, modules_by_kohya_name
 
 BUNDLE_PREFIX = "bundle_emb"
 TOKENS_METADATA_KEY = "sdxl_pivotal.tokens"
@@ -61,18 +63,26 @@ def kohya_module_state(layer: LoraLayer, adapter: str = "default") -> dict[str, 
     """One LoRA layer in kohya's keys (relative to its module name)."""
     if layer.lora_B[adapter].bias is not None:
         raise ValueError("LoRA with a bias (`lora_bias=True`) has no kohya form.")
-    state = {
-        "lora_down.weight": layer.lora_A[adapter].weight.detach(),
-        "lora_up.weight": layer.lora_B[adapter].weight.detach(),
+    magnitude = layer.lora_magnitude_vector[adapter].weight.detach() if layer.use_dora[adapter] else None
+    return kohya_tensors(
+        layer.lora_A[adapter].weight.detach(),
+        layer.lora_B[adapter].weight.detach(),
         # kohya's loaders scale by alpha / rank: this alpha reproduces PEFT's scaling whatever set it
         # (lora_alpha, alpha_pattern, rank_pattern, rsLoRA's alpha / sqrt(rank)).
-        "alpha": torch.tensor(layer.scaling[adapter] * layer.r[adapter], dtype=torch.float32),
-    }
-    if layer.use_dora[adapter]:
-        # PEFT keeps a Linear's magnitudes as [out], a Conv2d's as [1, out, 1, 1].
-        magnitude = layer.lora_magnitude_vector[adapter].weight.detach()
-        base_shape = layer.get_base_layer().weight.shape
-        state["dora_scale"] = magnitude.reshape(base_shape[0], *[1] * (len(base_shape) - 1))
+        layer.scaling[adapter] * layer.r[adapter],
+        magnitude,
+    )
+
+
+def kohya_tensors(
+    down: torch.Tensor, up: torch.Tensor, alpha: float, magnitude: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """One module's kohya tensors (relative to its module name) from PEFT's `lora_A`, `lora_B`, the alpha that
+    kohya's loaders divide by the rank, and DoRA's magnitudes (PEFT's [out] for a Linear, [1, out, 1, 1] for a
+    Conv2d; kohya's `dora_scale` is [out, 1] / [out, 1, 1, 1])."""
+    state = {"lora_down.weight": down, "lora_up.weight": up, "alpha": torch.tensor(alpha, dtype=torch.float32)}
+    if magnitude is not None:
+        state["dora_scale"] = magnitude.reshape(up.shape[0], *[1] * (down.dim() - 1))
     return state
 
 
@@ -117,21 +127,54 @@ def kohya_metadata(
 ) -> dict[str, str]:
     """The file's safetensors metadata (strings only): kohya's `ss_*` keys, the SAI model spec, and ours."""
     config = models["unet"].peft_config[adapter]
+    unet_only = set(models) == {"unet"}
+    return lora_metadata(config.r, config.lora_alpha, config.use_dora, unet_only, name, base_model, tokens, bundled)
+
+
+def kohya_state_metadata(
+    state: Mapping[str, torch.Tensor],
+    name: str,
+    base_model: str,
+    tokens: PivotalTokens | None = None,
+    bundled: bool = False,
+) -> dict[str, str]:
+    """`kohya_metadata` for a kohya LoRA given by its tensors: the most common rank and alpha of its modules."""
+    modules = kohya_modules(state)
+    ranks = Counter(tensors["lora_down.weight"].shape[0] for tensors in modules.values())
+    alphas = Counter(float(tensors["alpha"]) for tensors in modules.values() if "alpha" in tensors)
+    rank = ranks.most_common(1)[0][0]
+    alpha = alphas.most_common(1)[0][0] if alphas else rank
+    dora = any("dora_scale" in tensors for tensors in modules.values())
+    unet_only = all(module.startswith(KOHYA_PREFIXES["unet"]) for module in modules)
+    return lora_metadata(rank, alpha, dora, unet_only, name, base_model, tokens, bundled)
+
+
+def lora_metadata(
+    rank: int,
+    alpha: float,
+    dora: bool,
+    unet_only: bool,
+    name: str,
+    base_model: str,
+    tokens: PivotalTokens | None = None,
+    bundled: bool = False,
+) -> dict[str, str]:
+    """The metadata of a kohya LoRA file of (most common) `rank` and `alpha`."""
     metadata = {
         "ss_base_model_version": "sdxl_base_v1-0",
         "ss_network_module": "networks.lora",
-        "ss_network_dim": str(config.r),
-        "ss_network_alpha": str(config.lora_alpha),
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(alpha),
         "ss_output_name": name,
         "ss_sd_model_name": base_model,
-        "ss_network_train_unet_only": str(set(models) == {"unet"}),
+        "ss_network_train_unet_only": str(unet_only),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
         "modelspec.title": name,
         BASE_MODEL_METADATA_KEY: base_model,
     }
-    if config.use_dora:
+    if dora:
         metadata["ss_network_module"] = "lycoris.kohya"
         metadata["ss_network_args"] = json.dumps({"algo": "lora", "dora_wd": "True", "wd_on_output": "True"})
     if tokens is not None:
@@ -176,13 +219,60 @@ def kohya_to_peft(state: Mapping[str, torch.Tensor], models: Mapping[str, torch.
     """A kohya LoRA (without bundled embeddings) for `models` ({part: model}), by part."""
     index = modules_by_kohya_name(models)
     by_part: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    for module, tensors in kohya_modules(state).items():
+        if module not in index:
+            raise ValueError(f"No module of {', '.join(models)} has the kohya name {module}.")
+        part, path = index[module]
+        by_part.setdefault(part, {})[path] = tensors
+    return {part: _peft_lora(modules) for part, modules in by_part.items()}
+
+
+def kohya_modules(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """A kohya LoRA's tensors by module: {kohya name: {"lora_down.weight": ..., "lora_up.weight": ..., ...}}."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
         module, tensor_name = key.split(".", 1)
-        if module not in index:
-            raise ValueError(f"{key}: no module of {', '.join(models)} has the kohya name {module}.")
-        part, path = index[module]
-        by_part.setdefault(part, {}).setdefault(path, {})[tensor_name] = value
-    return {part: _peft_lora(modules) for part, modules in by_part.items()}
+        modules.setdefault(module, {})[tensor_name] = value
+    return modules
+
+
+def peft_to_kohya(loras: Mapping[str, PeftLora], models: Mapping[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """The inverse of `kohya_to_peft`: PEFT LoRAs of `models` ({part: model}), by part, in kohya's keys."""
+    state = {}
+    for part, lora in loras.items():
+        names = {
+            canonical_module_path(part, path): name for path, name in kohya_module_names(part, models[part]).items()
+        }
+        for path, tensors in peft_modules(lora.state).items():
+            name = names.get(canonical_module_path(part, path))
+            if name is None:
+                raise ValueError(f"{part}.{path} has no kohya name (not a module of this model's SAI layout).")
+            if "lora_B.bias" in tensors:
+                raise ValueError(f"{part}.{path}: LoRA with a bias (`lora_bias=True`) has no kohya form.")
+            down, up = tensors["lora_A.weight"], tensors["lora_B.weight"]
+            alpha = kohya_alpha(lora.config, path, down.shape[0])
+            module = kohya_tensors(down, up, alpha, tensors.get("lora_magnitude_vector"))
+            state |= {f"{name}.{key}": value for key, value in module.items()}
+    return state
+
+
+def peft_modules(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """A PEFT LoRA state by module: {path: {"lora_A.weight": ..., "lora_B.weight": ..., ...}}."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        path, tensor_name = key.split(".lora_", 1)
+        modules.setdefault(path, {})[f"lora_{tensor_name}"] = value
+    return modules
+
+
+def kohya_alpha(config: LoraConfig, path: str, rank: int) -> float:
+    """The kohya alpha (kohya's loaders scale by alpha / rank) of the module `path` of rank `rank` that `config`
+    adapts: PEFT's scaling (its alpha, from `alpha_pattern` as PEFT matches it; rsLoRA's alpha / sqrt(rank))
+    times the rank."""
+    from peft.utils.other import get_pattern_key
+
+    alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), path), config.lora_alpha)
+    return alpha * math.sqrt(rank) if config.use_rslora else alpha
 
 
 def _peft_lora(modules: Mapping[str, Mapping[str, torch.Tensor]]) -> PeftLora:
@@ -190,6 +280,11 @@ def _peft_lora(modules: Mapping[str, Mapping[str, torch.Tensor]]) -> PeftLora:
     others as patterns)."""
     state, ranks, alphas, dora = {}, {}, {}, set()
     for path, tensors in modules.items():
+        if "lora_down.weight" not in tensors or "lora_up.weight" not in tensors:
+            raise ValueError(
+                f"{path}: not a LoRA module (its tensors: {', '.join(sorted(tensors))}); LyCORIS' other "
+                "algorithms (LoHa, LoKr, ...) have no PEFT LoRA form."
+            )
         down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
         state[f"{path}.lora_A.weight"], state[f"{path}.lora_B.weight"] = down, up
         ranks[path] = down.shape[0]

@@ -121,6 +121,12 @@ def canonical_clip_path(path: str) -> str:
     return f"text_model.{path}"
 
 
+def canonical_module_path(part: str, path: str) -> str:
+    """A module path of the pipeline's `part` as kohya writes it (text encoders under `text_model.`), so paths
+    from files written with either transformers layout find the same module."""
+    return path if part == "unet" else canonical_clip_path(path)
+
+
 def adaptable_module_paths(model: torch.nn.Module) -> list[str]:
     """Paths of the model's Linear and Conv2d layers, seen through PEFT's wrappers (`x.base_layer` is `x`)."""
     paths = []
