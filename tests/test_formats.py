@@ -18,7 +18,13 @@ from safetensors.torch import load_file
 from sdxl_pivotal.args import parse_args
 from sdxl_pivotal.checkpoints import PARAMS_FILE
 from sdxl_pivotal.export import LORA_WEIGHTS_NAME, embeddings_file_name, save_diffusers_lora
-from sdxl_pivotal.formats import kohya_state_dict, kohya_to_peft, load_for_diffusers, save_kohya_lora
+from sdxl_pivotal.formats import (
+    empty_sdxl_models,
+    kohya_state_dict,
+    kohya_to_peft,
+    load_for_diffusers,
+    save_kohya_lora,
+)
 from sdxl_pivotal.formats.kohya import embedding_name, kohya_file_name, lora_layers, split_bundled_embeddings
 from sdxl_pivotal.formats.names import (
     UNetLayout,
@@ -36,24 +42,6 @@ from sdxl_pivotal.models import (
 from sdxl_pivotal.tokens import PivotalTokens, add_new_tokens
 
 PARTS = ("unet", "text_encoder", "text_encoder_2")
-
-# stabilityai/stable-diffusion-xl-base-1.0's unet/config.json (the entries that shape the model).
-SDXL_UNET_CONFIG = dict(
-    sample_size=128,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    block_out_channels=[320, 640, 1280],
-    layers_per_block=2,
-    transformer_layers_per_block=[1, 2, 10],
-    attention_head_dim=[5, 10, 20],
-    cross_attention_dim=2048,
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-)
 
 # SDXL's sgm UNet, written out by hand: diffusers block -> SAI block.
 SDXL_SAI_BLOCKS = {
@@ -147,26 +135,7 @@ def accepted_clip_attention_modules() -> set[str]:
 @pytest.fixture
 def sdxl_models() -> dict[str, torch.nn.Module]:
     """SDXL base's UNet and text encoders on the meta device (no weights, real module tree)."""
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    with init_empty_weights():
-        return {
-            "unet": UNet2DConditionModel.from_config(SDXL_UNET_CONFIG),
-            "text_encoder": CLIPTextModel(
-                CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
-            ),
-            "text_encoder_2": CLIPTextModelWithProjection(
-                CLIPTextConfig(
-                    hidden_size=1280,
-                    intermediate_size=5120,
-                    num_hidden_layers=32,
-                    num_attention_heads=20,
-                    projection_dim=1280,
-                )
-            ),
-        }
+    return empty_sdxl_models()
 
 
 def test_sai_names_match_hand_written_sdxl_table(sdxl_models):

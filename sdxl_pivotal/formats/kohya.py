@@ -78,8 +78,8 @@ def kohya_tensors(
     down: torch.Tensor, up: torch.Tensor, alpha: float, magnitude: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
     """One module's kohya tensors (relative to its module name) from PEFT's `lora_A`, `lora_B`, the alpha that
-    kohya's loaders divide by the rank, and DoRA's magnitudes (PEFT's [out] for a Linear, [1, out, 1, 1] for a
-    Conv2d; kohya's `dora_scale` is [out, 1] / [out, 1, 1, 1])."""
+    kohya's loaders divide by the rank, and DoRA's magnitudes, one per output channel in any shape (PEFT's [out]
+    for a Linear, [1, out, 1, 1] for a Conv2d) as kohya's `dora_scale` ([out, 1] / [out, 1, 1, 1])."""
     state = {"lora_down.weight": down, "lora_up.weight": up, "alpha": torch.tensor(alpha, dtype=torch.float32)}
     if magnitude is not None:
         state["dora_scale"] = magnitude.reshape(up.shape[0], *[1] * (down.dim() - 1))

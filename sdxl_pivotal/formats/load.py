@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from ..export import LORA_WEIGHTS_NAME
 from ..tokens import EMBEDDING_KEYS, PivotalTokens
+from .diffusers_lora import diffusers_lora_metadata
 from .kohya import TOKENS_METADATA_KEY, kohya_to_peft, split_bundled_embeddings
 from .names import KOHYA_PREFIXES
 
@@ -39,10 +40,11 @@ def load_for_diffusers(pipe, folder_or_file: str | Path, adapter_name: str | Non
             tokens += load_for_diffusers(pipe, file, adapter_name)
         return tokens
     state, metadata = read_safetensors(path)
-    if set(state) == set(EMBEDDING_KEYS):
+    file_format = lora_file_format(state)
+    if file_format == "embeddings":
         return load_embeddings(pipe, state, token_strings(metadata, len(state["clip_l"])))
     lora, bundles = split_bundled_embeddings(state)
-    if all(key.startswith(tuple(KOHYA_PREFIXES.values())) for key in lora):
+    if file_format == "kohya":
         lora, lora_metadata = kohya_for_diffusers(pipe, lora)
     else:
         lora_metadata = diffusers_lora_metadata(metadata)
@@ -53,18 +55,20 @@ def load_for_diffusers(pipe, folder_or_file: str | Path, adapter_name: str | Non
     return tokens
 
 
+def lora_file_format(state: Mapping[str, torch.Tensor]) -> str:
+    """What a file of ours holds, by its keys: "embeddings" (an `_emb` file), "kohya" (kohya keys, maybe with
+    bundled embeddings) or, for anything else, "diffusers"."""
+    if set(state) == set(EMBEDDING_KEYS):
+        return "embeddings"
+    lora, _ = split_bundled_embeddings(state)
+    return "kohya" if all(key.startswith(tuple(KOHYA_PREFIXES.values())) for key in lora) else "diffusers"
+
+
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A safetensors file's tensors and metadata."""
     with safe_open(str(path), framework="pt") as file:
         metadata = file.metadata() or {}
     return load_file(path), metadata
-
-
-def diffusers_lora_metadata(metadata: Mapping[str, str]) -> dict | None:
-    """The LoRA configs of a diffusers LoRA file ({"unet.r": 4, ...}), None for a file without them."""
-    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
-
-    return json.loads(metadata[LORA_ADAPTER_METADATA_KEY]) if LORA_ADAPTER_METADATA_KEY in metadata else None
 
 
 def kohya_for_diffusers(pipe, state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:

@@ -1,0 +1,99 @@
+"""diffusers' LoRA file (`pytorch_lora_weights.safetensors`) as PEFT state and config per pipeline part.
+
+Its keys are `<part>.<module path>.<tensor>`, where diffusers' `save_lora_weights` renames some of PEFT's tensors
+(`lora.down.weight`, `lora_linear_layer.down.weight`, ...) and keeps others (`lora_A.weight`,
+`lora_magnitude_vector`); its metadata (`lora_adapter_metadata`) holds each part's LoRA config. Reading undoes the
+renaming with diffusers' own converters, as its loaders do; a file without configs gets diffusers' convention
+(alpha = rank, per module). Writing goes through `save_lora_weights`, as the trainer's export does, with PEFT's
+tensor names.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+
+from ..export import atomic_path
+from .kohya import PeftLora
+
+DIFFUSERS_PARTS = ("unet", "text_encoder", "text_encoder_2")
+PEFT_TENSORS = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias", ".lora_magnitude_vector")
+
+
+def is_diffusers_lora(state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether every key of a (non-empty) state belongs to one of the pipeline's parts, as in diffusers' files."""
+    return bool(state) and all(key.split(".", 1)[0] in DIFFUSERS_PARTS for key in state)
+
+
+def diffusers_lora_metadata(metadata: Mapping[str, str]) -> dict | None:
+    """The LoRA configs of a diffusers LoRA file ({"unet.r": 4, ...}), None for a file without them."""
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+
+    return json.loads(metadata[LORA_ADAPTER_METADATA_KEY]) if LORA_ADAPTER_METADATA_KEY in metadata else None
+
+
+def diffusers_to_peft(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> dict[str, PeftLora]:
+    """A diffusers LoRA file's tensors and metadata as PEFT LoRAs, by part."""
+    configs = diffusers_lora_metadata(metadata)
+    loras = {}
+    for part in DIFFUSERS_PARTS:
+        own = _part_entries(state, part)
+        if own:
+            peft_state = _peft_keys(part, own)
+            loras[part] = PeftLora(peft_state, _peft_config(peft_state, _part_entries(configs, part)))
+    return loras
+
+
+def _part_entries(entries: Mapping | None, part: str) -> dict:
+    """The entries of `part` ("unet.x" -> "x"), none of the other parts'."""
+    return {
+        key.removeprefix(f"{part}."): value for key, value in (entries or {}).items() if key.startswith(f"{part}.")
+    }
+
+
+def _peft_keys(part: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers' tensor names -> PEFT's (`lora_A.weight`, `lora_B.weight`, `lora_magnitude_vector`), with the
+    conversions diffusers' UNet and text-encoder loaders apply; a part already in PEFT's names stays as it is."""
+    from diffusers.utils import (
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
+
+    if all(key.endswith(PEFT_TENSORS) for key in state):
+        return dict(state)
+    if part == "unet":
+        return convert_unet_state_dict_to_peft(dict(state))
+    return convert_state_dict_to_peft(convert_state_dict_to_diffusers(dict(state)))
+
+
+def _peft_config(peft_state: Mapping[str, torch.Tensor], config: Mapping) -> LoraConfig:
+    """The part's recorded LoRA config or, without one, diffusers' inferred config (ranks from the shapes)."""
+    if config:
+        return LoraConfig.from_peft_type(**config)
+    from diffusers.utils.peft_utils import get_peft_kwargs
+
+    ranks = {key: value.shape[1] for key, value in peft_state.items() if key.endswith("lora_B.weight")}
+    return LoraConfig(**get_peft_kwargs(ranks, None, peft_state))
+
+
+def save_diffusers_peft(path: Path, loras: Mapping[str, PeftLora]) -> Path:
+    """Write `loras` ({part: PeftLora}) as a diffusers LoRA file at `path` (atomically), each part's config in the
+    metadata, as `export.save_diffusers_lora` writes the trainer's.
+
+    The tensors keep PEFT's names, which diffusers' loaders read as they are. (`convert_state_dict_to_diffusers`
+    renames only attention projections; a UNet LoRA that also adapts other layers then mixes `lora.down` and
+    `lora_A` names, and diffusers' UNet loader, which looks at the first key only, leaves the renamed ones unloaded.)
+    """
+    from diffusers import StableDiffusionXLPipeline
+
+    layers = {f"{part}_lora_layers": dict(lora.state) for part, lora in loras.items()}
+    metadata = {f"{part}_lora_adapter_metadata": lora.config.to_dict() for part, lora in loras.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as temporary:
+        StableDiffusionXLPipeline.save_lora_weights(temporary.parent, **layers, **metadata, weight_name=temporary.name)
+    return path
