@@ -71,6 +71,39 @@ def diffusers_code(args: argparse.Namespace, tokens: PivotalTokens | None, repo_
     return "\n".join(lines)
 
 
+def ui_instructions(args: argparse.Namespace, tokens: PivotalTokens | None) -> str:
+    """Steps for AUTOMATIC1111 / SD.Next / Forge and ComfyUI, which load the kohya file of the run."""
+    from .formats.kohya import embedding_name, kohya_file_name
+
+    name = output_name(args.output_dir)
+    kohya, emb_file = kohya_file_name(name), embeddings_file_name(args.output_dir)
+    prompt = args.instance_prompt
+    a1111_prompt, comfy_prompt = prompt, prompt
+    if tokens:
+        # The UIs register one embedding holding every new token: the first abstraction stands for all.
+        first, *others = tokens.by_abstraction
+        bundled = embedding_name(name) if args.bundle_embeddings else emb_file.removesuffix(".safetensors")
+        for other in others:
+            prompt = " ".join(prompt.replace(other, "").split())
+        a1111_prompt = prompt.replace(first, bundled)
+        comfy_prompt = prompt.replace(first, f"embedding:{emb_file.removesuffix('.safetensors')}")
+    a1111_embedding = ""
+    if tokens and not args.bundle_embeddings:
+        a1111_embedding = f" Copy `{emb_file}` into `embeddings/`."
+    elif tokens:
+        a1111_embedding = f" The new embeddings are bundled in that file and load as the embedding `{bundled}`."
+    comfy_embedding = f" Copy `{emb_file}` into `models/embeddings/`." if tokens else ""
+    return f"""## Use it in AUTOMATIC1111 / SD.Next / Forge
+
+Copy `{kohya}` into `models/Lora/`.{a1111_embedding} Prompt: `{a1111_prompt} <lora:{name}:1>`
+
+## Use it in ComfyUI
+
+Copy `{kohya}` into `models/loras/` and add a *Load LoRA* node (model and CLIP).{comfy_embedding}
+Prompt: `{comfy_prompt}`
+"""
+
+
 def gallery(output_dir: Path, images: list[Path], prompt: str) -> tuple[str, str]:
     """(the card's `widget:` front matter, a markdown gallery) for the final validation images."""
     if not images:
@@ -124,6 +157,7 @@ Prompt: `{prompt}`
 {diffusers_code(args, tokens, repo_id)}
 ```
 
+{ui_instructions(args, tokens)}
 ## Training settings
 
 | setting | value |

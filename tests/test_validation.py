@@ -71,6 +71,12 @@ def test_model_card_has_tokens_code_and_samples(run_training, tmp_path):
     assert "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2" in card
     assert 'image = pipe("a photo of <s0><s1> toy", clip_skip=1)' in card
     assert "url: validation/final/0.png" in card and "![sample 1](validation/final/1.png)" in card
+    # AUTOMATIC1111 and ComfyUI load the kohya file of the run; the trigger is the embedding's name there.
+    assert "Copy `tok-toy.safetensors` into `models/Lora/`" in card
+    assert "`a photo of tok-toy toy <lora:tok-toy:1>`" in card
+    assert "Copy `tok-toy_emb.safetensors` into `models/embeddings/`" in card
+    assert "`a photo of embedding:tok-toy_emb toy`" in card
+    assert (out / "tok-toy.safetensors").is_file() and (out / "tok-toy_emb.safetensors").is_file()
     # The card's diffusers code is real code: run it (CPU, fp32, local paths) and get an image.
     code = card.split("```python\n")[1].split("```")[0]
     code = code.replace("dtype=torch.float16", "dtype=torch.float32").replace('.to("cuda")', "")
