@@ -12,7 +12,7 @@ bare
     A minimal training step written here: batch to the device, VAE encode (no grad) and latent sampling,
     noise, timesteps, `add_noise`, UNet forward, MSE loss, backward, gradient clipping (when
     `--max_grad_norm` > 0, as the trainer does), optimizer step, `zero_grad`. The models are those the
-    trainer would use, set up by the package's own functions (`load_sdxl`, `add_lora_adapters`,
+    trainer would use, set up by the package's own functions (`load_sdxl`, `add_adapters`,
     `place_models`, `create_optimizer`; none of this is timed) from the same parsed flags: the same UNet
     with the same LoRA, the same dtypes, the same optimizer. The batch is one batch of the trainer's
     dataset (same pixels, captions and micro-conditioning), kept on the CPU and reused at every step. The
@@ -82,9 +82,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import sdxl_pivotal.train as train_module
+from sdxl_pivotal.adapters import add_adapters, unet_parameters_by_lr_scale
 from sdxl_pivotal.args import parse_args
 from sdxl_pivotal.data import DreamBoothDataset, collate, load_records
-from sdxl_pivotal.models import add_lora_adapters, load_sdxl, place_models, trained_models
+from sdxl_pivotal.models import load_sdxl, place_models, trained_models
 from sdxl_pivotal.optim import create_optimizer, parameter_groups, trainable_parameters
 from sdxl_pivotal.prompts import tokenize
 from sdxl_pivotal.tiny import PRESETS, count_parameters, save_tiny_sdxl, write_demo_images
@@ -226,8 +227,8 @@ class BareStep:
             print("note: the bare step has no class images; it does not model --with_prior_preservation")
         records = load_records(args)
         parts = load_sdxl(args)
-        torch.manual_seed(seed)  # as the trainer: the LoRA down-projections start from the seed
-        add_lora_adapters(parts, args)
+        torch.manual_seed(seed)  # as the trainer: the adapters start from the seed
+        adapter_plan = add_adapters(parts, args)
         pivotal = getattr(args, "train_text_encoder_ti", False)
         if pivotal:  # pivotal tuning: new tokens in both tokenizers and encoders, as the trainer adds them
             from sdxl_pivotal.tokens import PivotalTokens, add_new_tokens
@@ -253,7 +254,8 @@ class BareStep:
         models = trained_models(parts, args)
         unet_params = trainable_parameters(parts.unet)
         text_params = [p for name, m in models.items() if name != "unet" for p in trainable_parameters(m)]
-        self.optimizer = create_optimizer(args, parameter_groups(args, unet_params, text_params))
+        unet_groups = unet_parameters_by_lr_scale(parts.unet, adapter_plan)
+        self.optimizer = create_optimizer(args, parameter_groups(args, unet_groups, text_params))
         self.params = unet_params + text_params
         for model in models.values():
             model.train()

@@ -31,6 +31,10 @@ LR_SCHEDULERS = (
     "constant_with_warmup",
     "piecewise_constant",
 )
+ADAPTERS = ("lora", "loha", "lokr")
+LORA_TARGETS = ("attn", "attn_ff", "all_linear")
+# Short names of the UNet's block groups in the per-block flags.
+BLOCK_ALIASES = {"down": "down_blocks", "mid": "mid_block", "up": "up_blocks"}
 # Resize filters, named as torchvision's InterpolationMode (what the reference accepts).
 INTERPOLATION_MODES = ("nearest", "nearest_exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
 # Markers of an earlier run's results; a folder holding one is not reused without resume or overwrite.
@@ -136,14 +140,40 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip_skip", type=int, default=None, help="use the hidden state this many layers before the last")
 
     g = parser.add_argument_group("LoRA")
-    g.add_argument("--rank", type=int, default=4, help="LoRA rank")
-    g.add_argument("--lora_alpha", type=float, default=None, help="(ours) LoRA alpha; default: the rank")
+    g.add_argument("--adapter", default="lora", choices=ADAPTERS, help="(ours) adapter family: LoRA, LoHa or LoKr")
+    g.add_argument("--rank", type=int, default=4, help="LoRA rank (LoHa/LoKr: their rank)")
+    g.add_argument("--lora_alpha", type=float, default=None, help="(ours) alpha (scale alpha/rank); default: the rank")
     g.add_argument("--lora_dropout", type=float, default=0.0, help="LoRA dropout")
     _add_bool(g, "--use_dora", False, "DoRA (weight-decomposed LoRA)")
+    g.add_argument(
+        "--lora_target",
+        default="attn",
+        choices=LORA_TARGETS,
+        help="(ours) UNet layers to adapt: attention projections; + feed-forward; every Linear of the blocks",
+    )
+    g.add_argument(
+        "--lora_target_regex",
+        default=None,
+        help="(ours) regex over UNet module paths (whole match); replaces the preset",
+    )
+    g.add_argument("--conv_rank", type=int, default=0, help="(ours) also adapt the UNet's convolutions at this rank")
+    g.add_argument("--conv_alpha", type=float, default=None, help="(ours) alpha of convolutions; default: conv_rank")
     g.add_argument(
         "--lora_unet_blocks", default=None, help="comma-separated UNet blocks, e.g. unet.up_blocks.0.attentions.0"
     )
     _add_bool(g, "--use_blora", False, "B-LoRA: adapt only up_blocks.0.attentions.0 and .1")
+    g.add_argument(
+        "--unet_block_ranks", default=None, help="(ours) per-block ranks, e.g. 'down=2,mid=4,up_blocks.0=16'; 0: none"
+    )
+    g.add_argument("--unet_block_conv_ranks", default=None, help="(ours) per-block convolution ranks, same syntax")
+    g.add_argument("--unet_block_lr", default=None, help="(ours) per-block learning-rate multipliers, e.g. 'down=0.5'")
+    g.add_argument("--rank_dropout", type=float, default=0.0, help="(ours) LoHa/LoKr: dropout over the rank")
+    g.add_argument("--module_dropout", type=float, default=0.0, help="(ours) LoHa/LoKr: dropout of whole modules")
+    _add_bool(g, "--use_effective_conv2d", False, "(ours) LoHa/LoKr: Tucker (CP) decomposition of 3x3 convolutions")
+    g.add_argument(
+        "--lokr_factor", type=int, default=-1, help="(ours) LoKr: Kronecker factor; -1: near the square root"
+    )
+    _add_bool(g, "--decompose_both", False, "(ours) LoKr: low-rank left factor too")
 
     g = parser.add_argument_group("optimisation")
     g.add_argument(
@@ -228,6 +258,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     validate_args(args)
     if args.lora_alpha is None:
         args.lora_alpha = float(args.rank)  # the reference's choice: scale 1
+    if args.conv_alpha is None:
+        args.conv_alpha = float(args.conv_rank)
     step = args.bucket_step
     if args.bucket_min_side is None:
         args.bucket_min_side = max(step, args.resolution // 2 // step * step)
@@ -308,8 +340,7 @@ def validate_args(args: argparse.Namespace) -> None:
         raise InputError(f"--caption_dropout must be in [0, 1), got {args.caption_dropout}.")
     if args.dataloader_num_workers < 0:
         raise InputError(f"--dataloader_num_workers must be 0 or more, got {args.dataloader_num_workers}.")
-    if args.lora_unet_blocks is not None:
-        parse_unet_blocks(args.lora_unet_blocks)
+    _validate_adapter_flags(args)
 
     if args.optimizer == "prodigy" and args.use_8bit_adam:
         warnings.warn("--use_8bit_adam has no effect with --optimizer prodigy.", stacklevel=2)
@@ -321,6 +352,49 @@ def validate_args(args: argparse.Namespace) -> None:
         )
     if not args.with_prior_preservation and (args.class_data_dir or args.class_prompt):
         warnings.warn("--class_data_dir/--class_prompt are ignored without --with_prior_preservation.", stacklevel=2)
+
+
+def _validate_adapter_flags(args: argparse.Namespace) -> None:
+    lycoris = args.adapter in ("loha", "lokr")
+    if args.use_dora and args.adapter != "lora":
+        raise InputError(
+            f"--use_dora is a LoRA variant; drop it or use --adapter lora (got --adapter {args.adapter})."
+        )
+    if args.lora_dropout and lycoris:
+        raise InputError("--lora_dropout is LoRA's; LoHa and LoKr use --rank_dropout and --module_dropout.")
+    for flag in ("rank_dropout", "module_dropout"):
+        value = getattr(args, flag)
+        if value and not lycoris:
+            raise InputError(f"--{flag} is for --adapter loha or lokr; LoRA uses --lora_dropout.")
+        if not 0.0 <= value < 1.0:
+            raise InputError(f"--{flag} must be in [0, 1), got {value}.")
+    if args.use_effective_conv2d and not lycoris:
+        raise InputError("--use_effective_conv2d is for --adapter loha or lokr.")
+    if (args.decompose_both or args.lokr_factor != -1) and args.adapter != "lokr":
+        raise InputError("--lokr_factor and --decompose_both are for --adapter lokr.")
+    if args.lokr_factor == 0 or args.lokr_factor < -1:
+        raise InputError(f"--lokr_factor must be -1 (automatic) or a positive factor, got {args.lokr_factor}.")
+    if args.conv_rank < 0:
+        raise InputError(f"--conv_rank must be 0 (no convolutions) or more, got {args.conv_rank}.")
+    if args.conv_alpha is not None and not args.conv_rank:
+        raise InputError("--conv_alpha needs --conv_rank (the rank of the convolutions' adapters).")
+    if args.unet_block_conv_ranks and not args.conv_rank:
+        raise InputError("--unet_block_conv_ranks needs --conv_rank (the default rank of convolutions).")
+    if args.lora_target_regex is not None:
+        if args.lora_target != "attn":
+            raise InputError("Use --lora_target or --lora_target_regex, not both.")
+        try:
+            re.compile(args.lora_target_regex)
+        except re.error as error:
+            raise InputError(f"--lora_target_regex {args.lora_target_regex!r} is not a regex: {error}.") from None
+    if args.lora_unet_blocks is not None:
+        parse_unet_blocks(args.lora_unet_blocks)
+    for flag in ("unet_block_ranks", "unet_block_conv_ranks", "unet_block_lr"):
+        spec = getattr(args, flag)
+        if spec is not None:
+            values = parse_block_values(spec, f"--{flag}")
+            if flag != "unet_block_lr" and any(v != int(v) for v in values.values()):
+                raise InputError(f"--{flag}: ranks are whole numbers, got {spec!r}.")
 
 
 def _validate_pivotal_flags(args: argparse.Namespace) -> None:
@@ -379,20 +453,41 @@ def _validate_output_dir(args: argparse.Namespace) -> None:
         )
 
 
-_BLOCK_PATTERN = re.compile(
-    r"^(down_blocks\.\d+\.attentions\.\d+|mid_block\.attentions\.\d+|up_blocks\.\d+\.attentions\.\d+)$"
-)
+_BLOCK_PATTERN = re.compile(r"^(down_blocks\.\d+|mid_block|up_blocks\.\d+)(\.(attentions|resnets)\.\d+)?$")
 
 
 def parse_unet_blocks(spec: str) -> list[str]:
-    """`"unet.up_blocks.0.attentions.0, up_blocks.0.attentions.1"` -> `["up_blocks.0.attentions.0", ...]`."""
+    """`"unet.up_blocks.0.attentions.0, up_blocks.1"` -> `["up_blocks.0.attentions.0", "up_blocks.1"]`."""
     blocks = []
     for item in "".join(spec.split()).split(","):
         name = item.removeprefix("unet.")
         if not _BLOCK_PATTERN.match(name):
             raise InputError(
-                f"--lora_unet_blocks: {item!r} is not a UNet attention block; use names such as "
-                "unet.down_blocks.2.attentions.0, unet.mid_block.attentions.0 or unet.up_blocks.0.attentions.1."
+                f"--lora_unet_blocks: {item!r} is not a UNet block; use names such as unet.down_blocks.2, "
+                "unet.mid_block.attentions.0 or unet.up_blocks.0.attentions.1."
             )
         blocks.append(name)
     return blocks
+
+
+def parse_block_values(spec: str, flag: str) -> dict[str, float]:
+    """`"down=2, mid=4, up_blocks.0.attentions.1=16"` -> {"down_blocks": 2.0, "mid_block": 4.0, ...}.
+
+    A key is a group (down, mid, up) or a block as --lora_unet_blocks names it; values are non-negative numbers."""
+    values = {}
+    for item in "".join(spec.split()).split(","):
+        key, _, value = item.partition("=")
+        block = BLOCK_ALIASES.get(key, key.removeprefix("unet."))
+        if not (block in BLOCK_ALIASES.values() or _BLOCK_PATTERN.match(block)):
+            raise InputError(
+                f"{flag}: {key!r} is not a UNet block; use down, mid, up or names such as down_blocks.1 or "
+                "up_blocks.0.attentions.1 (as in 'down=2,up_blocks.0=16')."
+            )
+        try:
+            number = float(value)
+        except ValueError:
+            number = -1.0
+        if number < 0 or block in values:
+            raise InputError(f"{flag}: {item!r} needs one non-negative number per block, as in 'down=2,up=8'.")
+        values[block] = number
+    return values

@@ -1,4 +1,4 @@
-"""Load the SDXL parts, attach PEFT LoRA adapters, and set dtypes and devices."""
+"""Load the SDXL parts, and set their dtypes and devices (the adapters: `adapters.py`)."""
 
 from __future__ import annotations
 
@@ -7,16 +7,8 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from peft import LoraConfig
-
-from .args import parse_unet_blocks
-from .errors import InputError
 
 logger = logging.getLogger(__name__)
-
-UNET_ATTENTION_PROJECTIONS = ("to_k", "to_q", "to_v", "to_out.0")
-TEXT_ENCODER_ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
-BLORA_BLOCKS = "up_blocks.0.attentions.0,up_blocks.0.attentions.1"
 
 
 @dataclass
@@ -53,46 +45,6 @@ def load_sdxl(args: argparse.Namespace) -> SDXLParts:
     for model in (text_encoder, text_encoder_2, vae, unet):
         model.requires_grad_(False)
     return SDXLParts(tokenizer, tokenizer_2, text_encoder, text_encoder_2, vae, unet, noise_scheduler)
-
-
-def unet_lora_targets(unet: torch.nn.Module, blocks_spec: str | None) -> list[str]:
-    """Attention projections to adapt: all of them, or only those inside the named blocks."""
-    if blocks_spec is None:
-        return list(UNET_ATTENTION_PROJECTIONS)
-    projections = tuple("." + name for name in UNET_ATTENTION_PROJECTIONS)
-    module_names = [name for name, _ in unet.named_modules()]
-    targets = []
-    for block in parse_unet_blocks(blocks_spec):
-        in_block = [n for n in module_names if n.startswith(block + ".") and n.endswith(projections)]
-        if not in_block:
-            available = sorted({".".join(n.split(".")[:4]) for n in module_names if ".attentions." in n})
-            raise InputError(
-                f"--lora_unet_blocks: this UNet has no attention block {block!r}. Blocks it has: "
-                + ", ".join("unet." + a for a in available if a.count(".") == 3)
-            )
-        targets += in_block
-    return targets
-
-
-def lora_config(args: argparse.Namespace, target_modules: list[str]) -> LoraConfig:
-    return LoraConfig(
-        r=args.rank,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        use_dora=args.use_dora,
-        init_lora_weights="gaussian",
-        target_modules=target_modules,
-    )
-
-
-def add_lora_adapters(parts: SDXLParts, args: argparse.Namespace) -> None:
-    """Attach the trainable LoRA adapters (UNet; text encoders with --train_text_encoder)."""
-    blocks = BLORA_BLOCKS if args.use_blora else args.lora_unet_blocks
-    parts.unet.add_adapter(lora_config(args, unet_lora_targets(parts.unet, blocks)))
-    if args.train_text_encoder:
-        config = lora_config(args, list(TEXT_ENCODER_ATTENTION_PROJECTIONS))
-        parts.text_encoder.add_adapter(config)
-        parts.text_encoder_2.add_adapter(config)
 
 
 def trained_models(parts: SDXLParts, args: argparse.Namespace) -> dict[str, torch.nn.Module]:

@@ -14,13 +14,19 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def parameter_groups(args: argparse.Namespace, unet_params: list, text_encoder_params: list) -> list[dict]:
-    """UNet parameters at --learning_rate; text-encoder parameters at --text_encoder_lr with their own decay.
+def parameter_groups(
+    args: argparse.Namespace, unet_params: dict[float, list], text_encoder_params: list
+) -> list[dict]:
+    """UNet parameters at --learning_rate times their block's scale ({scale: params}, see --unet_block_lr);
+    text-encoder parameters at --text_encoder_lr with their own decay.
 
     Prodigy estimates one step size for all groups; as in the reference, its text-encoder group then uses
     --learning_rate as well.
     """
-    groups = [{"params": unet_params, "lr": args.learning_rate, "weight_decay": args.adam_weight_decay}]
+    groups = [
+        {"params": params, "lr": args.learning_rate * scale, "weight_decay": args.adam_weight_decay}
+        for scale, params in unet_params.items()
+    ]
     if text_encoder_params:
         lr = args.learning_rate if args.optimizer == "prodigy" else args.text_encoder_lr
         decay = args.adam_weight_decay_text_encoder

@@ -17,6 +17,7 @@ from accelerate.utils import ProjectConfiguration, broadcast_object_list
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from tqdm.auto import tqdm
 
+from .adapters import AdapterPlan, add_adapters, unet_parameters_by_lr_scale
 from .card import create_hub_repo, upload_to_hub, write_model_card
 from .checkpoints import load_checkpoint, remove_partial_checkpoints, resolve_checkpoint, save_checkpoint
 from .class_images import ensure_class_images, generation_dtype, load_generation_pipeline
@@ -25,7 +26,7 @@ from .export import embeddings_file_name, output_name, save_diffusers_lora, save
 from .formats import save_kohya_lora
 from .latents import build_latent_cache
 from .losses import diffusion_loss, min_snr_weights, sample_noise, sample_timesteps, training_target
-from .models import SDXLParts, add_lora_adapters, load_sdxl, place_models, trained_models
+from .models import SDXLParts, load_sdxl, place_models, trained_models
 from .optim import create_lr_scheduler, create_optimizer, parameter_groups, trainable_parameters
 from .prompts import PromptEncoder
 from .tokens import PivotalTokens, add_new_tokens, embeddings_state
@@ -202,12 +203,12 @@ def load_class_records(
 
 def build_models(
     args: argparse.Namespace, accelerator: Accelerator, tokens: PivotalTokens | None, seed: int
-) -> tuple[SDXLParts, torch.dtype]:
-    """Load SDXL, attach the LoRA adapters and the new tokens, and place everything on the device.
-    Returns the parts and the dtype of the frozen weights."""
+) -> tuple[SDXLParts, AdapterPlan, torch.dtype]:
+    """Load SDXL, attach the adapters and the new tokens, and place everything on the device.
+    Returns the parts, the UNet's adapter plan and the dtype of the frozen weights."""
     parts = load_sdxl(args)
-    torch.manual_seed(seed)  # the LoRA down-projections start random: same seed, same start
-    add_lora_adapters(parts, args)
+    torch.manual_seed(seed)  # adapter weights start random: same seed, same start
+    adapter_plan = add_adapters(parts, args)
     if tokens is not None:
         encoders = [parts.text_encoder, parts.text_encoder_2]
         add_new_tokens([parts.tokenizer, parts.tokenizer_2], encoders, tokens, args.initializer_token)
@@ -222,7 +223,7 @@ def build_models(
         torch.backends.cuda.matmul.allow_tf32 = True
     weight_dtype = WEIGHT_DTYPES.get(accelerator.mixed_precision, torch.float32)
     place_models(parts, accelerator.device, weight_dtype, vae_fp32=not args.pretrained_vae_model_name_or_path)
-    return parts, weight_dtype
+    return parts, adapter_plan, weight_dtype
 
 
 def train(args: argparse.Namespace) -> Path:
@@ -262,7 +263,7 @@ def train(args: argparse.Namespace) -> Path:
     num_epochs = math.ceil(total_steps / plan.steps_per_epoch)
     text_encoder_stop = text_training_stop(args, total_steps)
 
-    parts, weight_dtype = build_models(args, accelerator, tokens, seed)
+    parts, adapter_plan, weight_dtype = build_models(args, accelerator, tokens, seed)
     if args.cache_latents:
         cache_dir = Path(args.latents_cache_dir) if args.latents_cache_dir else None
         dataset.latent_cache = build_latent_cache(dataset, parts.vae, cache_dir)
@@ -272,7 +273,7 @@ def train(args: argparse.Namespace) -> Path:
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     text_params = [p for name, m in models.items() if name != "unet" for p in trainable_parameters(m)]
-    groups = parameter_groups(args, trainable_parameters(parts.unet), text_params)
+    groups = parameter_groups(args, unet_parameters_by_lr_scale(parts.unet, adapter_plan), text_params)
     optimizer = create_optimizer(args, groups)
     lr_scheduler = create_lr_scheduler(args, optimizer, total_steps)
 

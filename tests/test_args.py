@@ -114,7 +114,7 @@ def test_seed_out_of_range(argv, seed):
         (["--train_text_encoder_frac", "1.5"], r"--train_text_encoder_frac must be in \(0, 1\]"),
         (["--lora_dropout", "1.0"], r"--lora_dropout must be in \[0, 1\)"),
         (["--snr_gamma", "0"], "--snr_gamma must be positive"),
-        (["--lora_unet_blocks", "unet.up_blocks.0.resnets.0"], "is not a UNet attention block"),
+        (["--lora_unet_blocks", "unet.up_blocks.0.upsamplers"], "is not a UNet block"),
     ],
 )
 def test_out_of_range_values(argv, flags, message):

@@ -15,6 +15,11 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from sdxl_pivotal.adapters import (
+    TEXT_ENCODER_ATTENTION_PROJECTIONS,
+    UNET_ATTENTION_PROJECTIONS,
+    add_adapters,
+)
 from sdxl_pivotal.args import parse_args
 from sdxl_pivotal.checkpoints import PARAMS_FILE
 from sdxl_pivotal.export import LORA_WEIGHTS_NAME, embeddings_file_name, save_diffusers_lora
@@ -34,9 +39,6 @@ from sdxl_pivotal.formats.names import (
     sai_unet_table,
 )
 from sdxl_pivotal.models import (
-    TEXT_ENCODER_ATTENTION_PROJECTIONS,
-    UNET_ATTENTION_PROJECTIONS,
-    add_lora_adapters,
     load_sdxl,
 )
 from sdxl_pivotal.tokens import PivotalTokens, add_new_tokens
@@ -202,7 +204,7 @@ def trained_parts(tiny_model: Path, demo_images: Path, run: Path, step: int, *fl
     argv = ["--pretrained_model_name_or_path", str(tiny_model), "--instance_data_dir", str(demo_images)]
     args = parse_args([*argv, "--instance_prompt", "a photo of TOK toy", "--output_dir", str(run / "x"), *flags])
     parts = load_sdxl(args)
-    add_lora_adapters(parts, args)
+    add_adapters(parts, args)
     tokens = None
     if args.train_text_encoder_ti:
         tokens = PivotalTokens.from_flags(args.token_abstraction, args.num_new_tokens_per_abstraction)

@@ -53,7 +53,9 @@ def test_only_new_rows_train_and_optimizer_holds_only_them(tiny_model, demo_imag
     parts.unet.requires_grad_(False)
     text_params = [p for e in encoders for p in e.parameters() if p.requires_grad]
     assert [tuple(p.shape) for p in text_params] == [(2, 32), (2, 32)], "only the new rows are trainable"
-    optimizer = create_optimizer(args, parameter_groups(args, [torch.nn.Parameter(torch.zeros(1))], text_params))
+    optimizer = create_optimizer(
+        args, parameter_groups(args, {1.0: [torch.nn.Parameter(torch.zeros(1))]}, text_params)
+    )
     dataset = DreamBoothDataset(load_records(args), args, seed=0)
     batch = collate([dataset[(0, i)] for i in range(2)])
     batch.captions = [tokens.substitute(c) for c in batch.captions]

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sdxl_pivotal.adapters import add_adapters
 from sdxl_pivotal.args import parse_args
 from sdxl_pivotal.data import DreamBoothDataset, ImageRecord, collate, load_records
-from sdxl_pivotal.models import add_lora_adapters, load_sdxl
+from sdxl_pivotal.models import load_sdxl
 from sdxl_pivotal.prompts import PromptEncoder
 from sdxl_pivotal.train import batch_loss
 
@@ -25,7 +26,7 @@ def test_prior_loss_enters_gradients_linearly(tiny_model, demo_images, tmp_path,
     )
     parts = load_sdxl(args)
     torch.manual_seed(0)
-    add_lora_adapters(parts, args)
+    add_adapters(parts, args)
     with torch.no_grad():  # give the LoRA up-projections values, so every LoRA weight gets a gradient
         for name, param in parts.unet.named_parameters():
             if "lora_B" in name:

@@ -12,10 +12,11 @@ from safetensors.torch import load_file
 
 from sdxl_pivotal import checkpoints as checkpoints_module
 from sdxl_pivotal import train as train_module
+from sdxl_pivotal.adapters import add_adapters
 from sdxl_pivotal.args import parse_args
 from sdxl_pivotal.checkpoints import PARAMS_FILE, complete_checkpoints
 from sdxl_pivotal.data import DreamBoothDataset, collate, load_records
-from sdxl_pivotal.models import SDXLParts, add_lora_adapters, load_sdxl
+from sdxl_pivotal.models import SDXLParts, load_sdxl
 from sdxl_pivotal.prompts import PromptEncoder
 from sdxl_pivotal.train import batch_loss
 
@@ -167,7 +168,7 @@ def test_lora_file_loads_in_diffusers_with_trained_behaviour(run_training, tiny_
     # The trained model, rebuilt from the checkpoint's exact parameters.
     args = base_args(tiny_model, demo_images, tmp_path / "x", *flags, "--train_text_encoder")
     trained = load_sdxl(args)
-    add_lora_adapters(trained, args)
+    add_adapters(trained, args)
     saved = load_file(out / "checkpoint-3" / PARAMS_FILE)
     for name in ("unet", "text_encoder", "text_encoder_2"):
         model = getattr(trained, name)

@@ -1,0 +1,187 @@
+"""Which modules get an adapter, of which family (LoRA, LoHa, LoKr), rank, alpha and learning-rate scale.
+
+The UNet's targets come from a preset (`--lora_target`) or a regex (`--lora_target_regex`), plus its convolutions
+with `--conv_rank` (kohya's LoCon / "C3Lier"), inside the blocks of `--lora_unet_blocks` / `--use_blora`. Per-block
+overrides (`--unet_block_ranks`, `--unet_block_conv_ranks`, `--unet_block_lr`) then set each module's rank and
+learning-rate scale; a module whose rank or scale is 0 gets no adapter. The result is one explicit `AdapterPlan`
+({module path: rank, alpha, lr scale}) that becomes a PEFT config with `rank_pattern` / `alpha_pattern`, so PEFT
+builds the layers (LoHa, LoKr and DoRA are PEFT's own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from peft import LoHaConfig, LoKrConfig, LoraConfig, PeftConfig
+
+from .args import parse_block_values, parse_unet_blocks
+from .errors import InputError
+
+UNET_ATTENTION_PROJECTIONS = ("to_k", "to_q", "to_v", "to_out.0")
+UNET_FEED_FORWARD = ("ff.net.0.proj", "ff.net.2")
+TEXT_ENCODER_ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
+BLORA_BLOCKS = "up_blocks.0.attentions.0,up_blocks.0.attentions.1"
+UNET_BLOCKS = ("down_blocks.", "mid_block.", "up_blocks.")
+
+
+def _ends_with(names: tuple[str, ...]) -> Callable[[str], bool]:
+    suffixes = tuple("." + name for name in names)
+    return lambda path: ".attentions." in path and path.endswith(suffixes)
+
+
+# --lora_target: which Linear layers of the UNet's down/mid/up blocks get an adapter.
+UNET_TARGET_PRESETS: dict[str, Callable[[str], bool]] = {
+    "attn": _ends_with(UNET_ATTENTION_PROJECTIONS),  # the reference's choice
+    "attn_ff": _ends_with(UNET_ATTENTION_PROJECTIONS + UNET_FEED_FORWARD),
+    # every Linear of the attention blocks (proj_in/out, attention, feed-forward) and resnets (time_emb_proj):
+    # kohya's LoRA targets, plus the resnets' timestep projections.
+    "all_linear": lambda path: path.startswith(UNET_BLOCKS),
+}
+
+
+@dataclass(frozen=True)
+class ModuleAdapter:
+    """One adapted module: its rank, its alpha (scale = alpha / rank) and its learning-rate multiplier."""
+
+    rank: int
+    alpha: float
+    lr_scale: float = 1.0
+
+
+AdapterPlan = dict[str, ModuleAdapter]
+
+
+def unet_adapter_plan(unet: torch.nn.Module, args: argparse.Namespace) -> AdapterPlan:
+    """{UNet module path: ModuleAdapter} for the flags, every module checked against the UNet."""
+    linear, conv = _adaptable_unet_modules(unet)
+    if args.lora_target_regex:
+        pattern = re.compile(args.lora_target_regex)
+        selected = [path for path in linear + conv if pattern.fullmatch(path)]
+        if not selected:
+            raise InputError(
+                f"--lora_target_regex {args.lora_target_regex!r} matches no Linear or Conv2d module of the UNet "
+                f"(it must match a whole path, such as {linear[0]!r})."
+            )
+    else:
+        selected = [path for path in linear if UNET_TARGET_PRESETS[args.lora_target](path)]
+        if args.conv_rank:
+            selected += [path for path in conv if path.startswith(UNET_BLOCKS)]
+    blocks = BLORA_BLOCKS if args.use_blora else args.lora_unet_blocks
+    if blocks is not None:
+        selected = _inside_blocks(selected, parse_unet_blocks(blocks), linear + conv)
+
+    conv_set = set(conv)
+    ranks = _block_values(args.unet_block_ranks, "--unet_block_ranks", linear + conv)
+    conv_ranks = _block_values(args.unet_block_conv_ranks, "--unet_block_conv_ranks", conv)
+    lr_scales = _block_values(args.unet_block_lr, "--unet_block_lr", linear + conv)
+    plan = {}
+    for path in selected:
+        is_conv = path in conv_set and bool(args.conv_rank)
+        default_rank = args.conv_rank if is_conv else args.rank
+        default_alpha = args.conv_alpha if is_conv else args.lora_alpha
+        rank = int((conv_ranks if is_conv else ranks)(path, default_rank))
+        lr_scale = lr_scales(path, 1.0)
+        if rank == 0 or lr_scale == 0:
+            continue  # kohya's convention: a block at rank 0 or learning rate 0 has no adapter
+        # Per-block ranks keep the scale alpha / rank of the default, so a block's rank changes its capacity only.
+        plan[path] = ModuleAdapter(rank, default_alpha * rank / default_rank, lr_scale)
+    if not plan:
+        raise InputError("These flags leave no UNet module to adapt; check --lora_target and the block options.")
+    return plan
+
+
+def _adaptable_unet_modules(unet: torch.nn.Module) -> tuple[list[str], list[str]]:
+    """(paths of the UNet's Linear layers, paths of its Conv2d layers)."""
+    linear, conv = [], []
+    for path, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            linear.append(path)
+        elif isinstance(module, torch.nn.Conv2d):
+            conv.append(path)
+    return linear, conv
+
+
+def _inside_blocks(selected: list[str], blocks: list[str], every: list[str]) -> list[str]:
+    """The selected paths inside one of `blocks`; each block must exist in the UNet."""
+    for block in blocks:
+        if not any(path.startswith(block + ".") for path in every):
+            available = sorted({m.group(0) for p in every if (m := re.match(r".*?\.attentions\.\d+", p))})
+            raise InputError(
+                f"--lora_unet_blocks: this UNet has no block {block!r}. Its attention blocks: "
+                + ", ".join("unet." + a for a in available)
+            )
+    return [path for path in selected if any(path.startswith(block + ".") for block in blocks)]
+
+
+def _block_values(spec: str | None, flag: str, paths: list[str]) -> Callable[[str, float], float]:
+    """A lookup `(module path, default) -> value` for a per-block flag: the value of the longest block prefix of
+    the path, else the default. Every block the flag names must hold at least one of `paths`."""
+    values = parse_block_values(spec, flag) if spec else {}
+    for block in values:
+        if not any(path.startswith(block + ".") for path in paths):
+            raise InputError(f"{flag}: the UNet has no adaptable module in {block!r}.")
+    by_length = sorted(values, key=len, reverse=True)
+
+    def lookup(path: str, default: float) -> float:
+        return next((values[block] for block in by_length if path.startswith(block + ".")), default)
+
+    return lookup
+
+
+def peft_config(args: argparse.Namespace, plan: AdapterPlan) -> PeftConfig:
+    """The PEFT config of `--adapter` for the modules of `plan`: the flags' rank and alpha, the others as
+    patterns (full module paths, which PEFT matches exactly)."""
+    ranks = {path: m.rank for path, m in plan.items() if m.rank != args.rank}
+    alphas = {path: m.alpha for path, m in plan.items() if m.alpha != args.lora_alpha}
+    common = dict(target_modules=sorted(plan), rank_pattern=ranks, alpha_pattern=alphas, r=args.rank)
+    if args.adapter == "lora":
+        return LoraConfig(
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            use_dora=args.use_dora,
+            init_lora_weights="gaussian",
+            **common,
+        )
+    lycoris = dict(
+        alpha=args.lora_alpha,
+        rank_dropout=args.rank_dropout,
+        module_dropout=args.module_dropout,
+        use_effective_conv2d=args.use_effective_conv2d,
+        **common,
+    )
+    if args.adapter == "loha":
+        return LoHaConfig(**lycoris)
+    return LoKrConfig(decompose_both=args.decompose_both, decompose_factor=args.lokr_factor, **lycoris)
+
+
+def text_encoder_plan(text_encoder: torch.nn.Module, args: argparse.Namespace) -> AdapterPlan:
+    """The text encoder's attention projections, at the flags' rank and alpha."""
+    suffixes = tuple("." + name for name in TEXT_ENCODER_ATTENTION_PROJECTIONS)
+    return {
+        path: ModuleAdapter(args.rank, args.lora_alpha)
+        for path, module in text_encoder.named_modules()
+        if isinstance(module, torch.nn.Linear) and path.endswith(suffixes)
+    }
+
+
+def add_adapters(parts, args: argparse.Namespace) -> AdapterPlan:
+    """Attach the trainable adapters (UNet; text encoders with --train_text_encoder); return the UNet's plan."""
+    plan = unet_adapter_plan(parts.unet, args)
+    parts.unet.add_adapter(peft_config(args, plan))
+    if args.train_text_encoder:
+        for encoder in (parts.text_encoder, parts.text_encoder_2):
+            encoder.add_adapter(peft_config(args, text_encoder_plan(encoder, args)))
+    return plan
+
+
+def unet_parameters_by_lr_scale(unet: torch.nn.Module, plan: AdapterPlan) -> dict[float, list[torch.nn.Parameter]]:
+    """The UNet's trainable adapter parameters grouped by their module's learning-rate scale."""
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for path, module in plan.items():
+        params = [p for p in unet.get_submodule(path).parameters() if p.requires_grad]
+        groups.setdefault(module.lr_scale, []).extend(params)
+    return groups
