@@ -1,4 +1,4 @@
-"""Write the trained LoRA as files users load: diffusers' `pytorch_lora_weights.safetensors`.
+"""Write output files atomically (the file formats themselves: `formats/`).
 
 Every file is written atomically: into a temporary name in the same folder, then renamed over the target,
 so a crash leaves either the old file or the new one, never half of one.
@@ -54,33 +54,6 @@ def _default_permissions(path: Path) -> None:
     os.umask(umask)
     for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
         os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~umask)
-
-
-def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's LoRA weights in diffusers' naming (PEFT's adapter name removed)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    # save_embedding_layers=False: "auto" would look up the base model's config, over the network for Hub ids.
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model, save_embedding_layers=False))
-
-
-def save_diffusers_lora(folder: Path, models: dict[str, torch.nn.Module]) -> Path:
-    """Write `pytorch_lora_weights.safetensors` for `models` ({"unet": ..., "text_encoder": ..., ...}).
-
-    The PEFT config of each part goes into the file's metadata, so loaders use the true alpha and options
-    instead of assuming alpha = rank.
-    """
-    from diffusers import StableDiffusionXLPipeline
-
-    layers = {f"{name}_lora_layers": lora_state_dict(model) for name, model in models.items()}
-    metadata = {
-        f"{name}_lora_adapter_metadata": model.peft_config["default"].to_dict() for name, model in models.items()
-    }
-    folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(folder / LORA_WEIGHTS_NAME) as temporary:
-        StableDiffusionXLPipeline.save_lora_weights(temporary.parent, **layers, **metadata, weight_name=temporary.name)
-    return folder / LORA_WEIGHTS_NAME
 
 
 @contextlib.contextmanager

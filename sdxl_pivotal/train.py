@@ -22,8 +22,8 @@ from .card import create_hub_repo, upload_to_hub, write_model_card
 from .checkpoints import load_checkpoint, remove_partial_checkpoints, resolve_checkpoint, save_checkpoint
 from .class_images import ensure_class_images, generation_dtype, load_generation_pipeline
 from .data import Batch, DreamBoothDataset, ImageRecord, StepPlan, iterate_steps, load_records, open_image
-from .export import embeddings_file_name, output_name, save_diffusers_lora, save_safetensors
-from .formats import save_kohya_lora
+from .export import embeddings_file_name, output_name, save_safetensors
+from .formats import save_diffusers_lora, save_kohya_lora
 from .latents import build_latent_cache
 from .losses import diffusion_loss, min_snr_weights, sample_noise, sample_timesteps, training_target
 from .models import SDXLParts, load_sdxl, place_models, trained_models

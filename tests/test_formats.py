@@ -12,6 +12,7 @@ import pytest
 import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from peft_layers import adapter_layers
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -22,15 +23,16 @@ from sdxl_pivotal.adapters import (
 )
 from sdxl_pivotal.args import parse_args
 from sdxl_pivotal.checkpoints import PARAMS_FILE
-from sdxl_pivotal.export import LORA_WEIGHTS_NAME, embeddings_file_name, save_diffusers_lora
+from sdxl_pivotal.export import LORA_WEIGHTS_NAME, embeddings_file_name
 from sdxl_pivotal.formats import (
     empty_sdxl_models,
     kohya_state_dict,
     kohya_to_peft,
     load_for_diffusers,
+    save_diffusers_lora,
     save_kohya_lora,
 )
-from sdxl_pivotal.formats.kohya import embedding_name, kohya_file_name, lora_layers, split_bundled_embeddings
+from sdxl_pivotal.formats.kohya import embedding_name, kohya_file_name, split_bundled_embeddings
 from sdxl_pivotal.formats.names import (
     UNetLayout,
     adaptable_module_paths,
@@ -329,11 +331,11 @@ def test_kohya_to_peft_inverts_the_export(dora_pipeline, tiny_model):
         rebuilt = getattr(fresh_pipeline(tiny_model), part)
         rebuilt.add_adapter(loras[part].config)
         set_peft_model_state_dict(rebuilt, loras[part].state)
-        layers, rebuilt_layers = lora_layers(model), lora_layers(rebuilt)
+        layers, rebuilt_layers = adapter_layers(model), adapter_layers(rebuilt)
         assert layers.keys() == rebuilt_layers.keys()
         for path, layer in layers.items():
             assert (layer.r, layer.scaling) == (rebuilt_layers[path].r, rebuilt_layers[path].scaling), path
-    assert lora_layers(models["unet"])["down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"].scaling == {
+    assert adapter_layers(models["unet"])["down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"].scaling == {
         "default": 0.5
     }
 

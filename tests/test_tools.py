@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig
+from peft_layers import adapter_layers
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_formats import PARTS, assert_outputs_equal, fresh_pipeline, outputs
 
-from sdxl_pivotal.export import save_diffusers_lora, save_safetensors
-from sdxl_pivotal.formats import load_for_diffusers, save_kohya_lora
-from sdxl_pivotal.formats.kohya import kohya_modules, lora_layers
+from sdxl_pivotal.export import save_safetensors
+from sdxl_pivotal.formats import load_for_diffusers, save_diffusers_lora, save_kohya_lora
+from sdxl_pivotal.formats.kohya import kohya_modules
 from sdxl_pivotal.formats.names import kohya_module_names, modules_by_kohya_name
 from sdxl_pivotal.tokens import PivotalTokens
 from sdxl_pivotal.tools.cli import SUBCOMMANDS, main
@@ -69,15 +70,23 @@ def lora_files(tiny_model, tmp_path_factory) -> dict[str, Path]:
     }
 
 
-@pytest.fixture(scope="module")
-def pivotal_dora_kohya(tiny_model, tmp_path_factory) -> Path:
-    """A DoRA LoRA on all three models with pivotal-tuning embeddings bundled, as our kohya file."""
-    pipe = random_lora_pipeline(tiny_model, use_dora=True)
+def pivotal_kohya_file(tiny_model: Path, folder: Path, use_dora: bool) -> Path:
+    """A random LoRA (or DoRA) on all three models with pivotal-tuning embeddings bundled, as our kohya file."""
+    pipe = random_lora_pipeline(tiny_model, use_dora=use_dora)
     models = {part: getattr(pipe, part) for part in PARTS}
     embeddings = {"clip_l": torch.randn(2, 32), "clip_g": torch.randn(2, 32)}
     tokens = PivotalTokens({"TOK": ["<s0>", "<s1>"]})
-    folder = tmp_path_factory.mktemp("dora")
     return save_kohya_lora(folder, models, "tok-toy", str(tiny_model), embeddings, tokens)
+
+
+@pytest.fixture(scope="module")
+def pivotal_dora_kohya(tiny_model, tmp_path_factory) -> Path:
+    return pivotal_kohya_file(tiny_model, tmp_path_factory.mktemp("dora"), use_dora=True)
+
+
+@pytest.fixture(scope="module")
+def pivotal_kohya(tiny_model, tmp_path_factory) -> Path:
+    return pivotal_kohya_file(tiny_model, tmp_path_factory.mktemp("pivotal"), use_dora=False)
 
 
 def loaded(tiny_model: Path, lora: Path, scale: float = 1.0, prompt: str = "a photo of TOK toy"):
@@ -156,7 +165,9 @@ def test_resize_is_lossless_at_full_rank_and_reports_energy(lora_files, tiny_mod
 
     pipe = fresh_pipeline(tiny_model)
     load_for_diffusers(pipe, smaller[0], adapter_name="small")
-    assert sum(len(lora_layers(getattr(pipe, part), "small")) for part in PARTS) == len(report), "every module loads"
+    assert sum(len(adapter_layers(getattr(pipe, part), "small")) for part in PARTS) == len(report), (
+        "every module loads"
+    )
     if file_format == "kohya":
         resized = kohya_modules(load_file(smaller[0]))
         for entry in report:
@@ -226,12 +237,12 @@ def test_extract_recovers_a_planted_low_rank_difference(tiny_model, tmp_path):
     torch.testing.assert_close(outputs(pipe)[0], outputs(tuned)[0], rtol=1e-4, atol=1e-5)
 
 
-def test_convert_round_trip_is_identical(pivotal_dora_kohya, tiny_model, tmp_path):
+def test_convert_round_trip_is_identical(pivotal_kohya, tiny_model, tmp_path):
     diffusers_file, back = tmp_path / "lora.safetensors", tmp_path / "tok-toy.safetensors"
-    assert tools("convert", pivotal_dora_kohya, diffusers_file, "--base", tiny_model) == 0
+    assert tools("convert", pivotal_kohya, diffusers_file, "--base", tiny_model) == 0
     emb = tmp_path / "lora_emb.safetensors"
     assert tools("convert", diffusers_file, back, "--base", tiny_model, "--embeddings", emb) == 0
-    original, returned = load_file(pivotal_dora_kohya), load_file(back)
+    original, returned = load_file(pivotal_kohya), load_file(back)
     assert original.keys() == returned.keys()
     assert all(
         torch.equal(original[key], returned[key]) and original[key].dtype == returned[key].dtype for key in original
@@ -239,10 +250,18 @@ def test_convert_round_trip_is_identical(pivotal_dora_kohya, tiny_model, tmp_pat
     with safe_open(str(back), framework="pt") as file:
         assert file.metadata()["sdxl_pivotal.tokens"] == '{"TOK": ["<s0>", "<s1>"]}'
 
-    expected = loaded(tiny_model, pivotal_dora_kohya, prompt=PIVOTAL_PROMPT)
+    expected = loaded(tiny_model, pivotal_kohya, prompt=PIVOTAL_PROMPT)
     pipe = fresh_pipeline(tiny_model)
     assert load_for_diffusers(pipe, diffusers_file) + load_for_diffusers(pipe, emb) == ["<s0>", "<s1>"]
     assert_outputs_equal(outputs(pipe, PIVOTAL_PROMPT), expected)
+
+
+def test_convert_refuses_dora_in_comfyui_form_without_base_weights(pivotal_dora_kohya, tiny_model, tmp_path, capsys):
+    """Our DoRA kohya file holds ComfyUI's magnitudes, which depend on the base weights; the tools (which build the
+    models without weights) say so instead of writing wrong magnitudes."""
+    assert tools("convert", pivotal_dora_kohya, tmp_path / "out.safetensors", "--base", tiny_model) != 0
+    assert "ComfyUI's form" in capsys.readouterr().err
+    assert not (tmp_path / "out.safetensors").exists()
 
 
 def another_trainers_kohya_file(path: Path, alpha: float | None) -> Path:

@@ -68,7 +68,7 @@ def eval_loss(parts: SDXLParts, args, draws: int = 8) -> float:
 
 def test_training_changes_lora_and_lowers_loss(run_training, tiny_model, demo_images, tmp_path):
     out = run_training(tmp_path / "run", "--max_train_steps", "40", "--learning_rate", "1e-2", "--rank", "8")
-    ups = [w for key, w in lora_file(out).items() if ".lora.up." in key]
+    ups = [w for key, w in lora_file(out).items() if ".lora_B." in key]
     assert ups and all(w.abs().max() > 0 for w in ups), "LoRA up-projections start at zero and must move"
 
     pipe, parts = pipeline_parts(tiny_model)

@@ -10,6 +10,7 @@ tensor names.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,11 +18,10 @@ from pathlib import Path
 import torch
 from peft import LoraConfig
 
-from ..export import atomic_path
-from .kohya import PeftLora
+from ..export import LORA_WEIGHTS_NAME, atomic_path
+from .families import PeftLora, live_peft, peft_modules
 
 DIFFUSERS_PARTS = ("unet", "text_encoder", "text_encoder_2")
-PEFT_TENSORS = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias", ".lora_magnitude_vector")
 
 
 def is_diffusers_lora(state: Mapping[str, torch.Tensor]) -> bool:
@@ -64,7 +64,8 @@ def _peft_keys(part: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.
         convert_unet_state_dict_to_peft,
     )
 
-    if all(key.endswith(PEFT_TENSORS) for key in state):
+    with contextlib.suppress(ValueError):  # PEFT's own names (LoRA, LoHa, LoKr): nothing to convert
+        peft_modules(state)
         return dict(state)
     if part == "unet":
         return convert_unet_state_dict_to_peft(dict(state))
@@ -81,11 +82,17 @@ def _peft_config(peft_state: Mapping[str, torch.Tensor], config: Mapping) -> Lor
     return LoraConfig(**get_peft_kwargs(ranks, None, peft_state))
 
 
+def save_diffusers_lora(folder: Path, models: Mapping[str, torch.nn.Module]) -> Path:
+    """Write `folder/pytorch_lora_weights.safetensors` for the adapters of `models` ({"unet": ..., ...})."""
+    return save_diffusers_peft(folder / LORA_WEIGHTS_NAME, {part: live_peft(model) for part, model in models.items()})
+
+
 def save_diffusers_peft(path: Path, loras: Mapping[str, PeftLora]) -> Path:
     """Write `loras` ({part: PeftLora}) as a diffusers LoRA file at `path` (atomically), each part's config in the
     metadata, as `export.save_diffusers_lora` writes the trainer's.
 
-    The tensors keep PEFT's names, which diffusers' loaders read as they are. (`convert_state_dict_to_diffusers`
+    The tensors keep PEFT's names, which diffusers' loaders read as they are (for LoRA; LoHa and LoKr files load
+    with `load_for_diffusers` or PEFT). (`convert_state_dict_to_diffusers`
     renames only attention projections; a UNet LoRA that also adapts other layers then mixes `lora.down` and
     `lora_A` names, and diffusers' UNet loader, which looks at the first key only, leaves the renamed ones unloaded.)
     """

@@ -2,9 +2,9 @@
 
 diffusers' `load_lora_weights` refuses a kohya file with bundled embeddings (`bundle_emb.*` keys), drops a kohya
 file's DoRA magnitudes (`dora_scale`) and per-module alphas, and, with transformers 5, leaves the text encoders'
-DoRA magnitudes of any file at their initial values. Here every LoRA goes to diffusers' per-model loaders as PEFT
-state with its exact LoRA config (a kohya file through `kohya_to_peft`), and embeddings (bundled, or an `_emb`
-file) go through `load_textual_inversion` for both encoders.
+DoRA magnitudes of any file at their initial values; it reads no LoHa or LoKr. Here every file becomes PEFT state
+with its exact config (a kohya file through `kohya_to_peft`); LoRA goes to diffusers' per-model loaders, LoHa and
+LoKr to PEFT; embeddings (bundled, or an `_emb` file) go through `load_textual_inversion` for both encoders.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 
 from ..export import LORA_WEIGHTS_NAME
 from ..tokens import EMBEDDING_KEYS, PivotalTokens
-from .diffusers_lora import diffusers_lora_metadata
+from .diffusers_lora import diffusers_to_peft
+from .families import PeftLora
 from .kohya import TOKENS_METADATA_KEY, kohya_to_peft, split_bundled_embeddings
 from .names import KOHYA_PREFIXES
 
@@ -45,10 +46,10 @@ def load_for_diffusers(pipe, folder_or_file: str | Path, adapter_name: str | Non
         return load_embeddings(pipe, state, token_strings(metadata, len(state["clip_l"])))
     lora, bundles = split_bundled_embeddings(state)
     if file_format == "kohya":
-        lora, lora_metadata = kohya_for_diffusers(pipe, lora)
+        loras = kohya_to_peft(lora, {part: getattr(pipe, part) for part in KOHYA_PREFIXES}, metadata)
     else:
-        lora_metadata = diffusers_lora_metadata(metadata)
-    load_lora(pipe, lora, lora_metadata, adapter_name)
+        loras = diffusers_to_peft(lora, metadata)
+    load_adapters(pipe, loras, adapter_name)
     tokens = []
     for embeddings in bundles.values():
         tokens += load_embeddings(pipe, embeddings, token_strings(metadata, len(embeddings["clip_l"])))
@@ -71,28 +72,34 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     return load_file(path), metadata
 
 
-def kohya_for_diffusers(pipe, state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
-    """A kohya LoRA (without embeddings) as diffusers holds a LoRA file: PEFT state under each part's prefix,
-    and each part's LoRA config under the same prefix."""
-    loras = kohya_to_peft(state, {part: getattr(pipe, part) for part in KOHYA_PREFIXES})
-    prefixed = {f"{part}.{key}": value for part, lora in loras.items() for key, value in lora.state.items()}
-    metadata = {f"{part}.{key}": value for part, lora in loras.items() for key, value in lora.config.to_dict().items()}
-    return prefixed, metadata
-
-
-def load_lora(pipe, state: Mapping[str, torch.Tensor], metadata: dict | None, adapter_name: str | None) -> None:
-    """Load LoRA `state` (keys prefixed by part) with its `metadata` into `pipe`, as `load_lora_weights` does.
+def load_adapters(pipe, loras: Mapping[str, PeftLora], adapter_name: str | None) -> None:
+    """Load PEFT adapters ({part: PeftLora}) into `pipe`: LoRA through diffusers' loaders, as `load_lora_weights`
+    does (so `set_adapters` and `fuse_lora` know it); LoHa and LoKr, which diffusers' loaders do not read, with
+    PEFT directly.
 
     transformers 5's `load_adapter` drops a bare `x.lora_magnitude_vector` (DoRA's magnitudes would keep their
     initial values) but reads `x.lora_magnitude_vector.weight`, as PEFT does; so the magnitudes go by that name.
     """
-    state = {_magnitude_key(key): value for key, value in state.items()}
-    common = dict(network_alphas=None, adapter_name=adapter_name, metadata=metadata, _pipeline=pipe)
-    if any(key.startswith("unet.") for key in state):
-        pipe.load_lora_into_unet(state, unet=pipe.unet, **common)
-    for part in ("text_encoder", "text_encoder_2"):
-        if any(key.startswith(f"{part}.") for key in state):
-            pipe.load_lora_into_text_encoder(state, text_encoder=getattr(pipe, part), prefix=part, **common)
+    from peft import inject_adapter_in_model, set_peft_model_state_dict
+
+    for part, lora in loras.items():
+        model = getattr(pipe, part)
+        if lora.config.peft_type.value != "LORA":
+            name = adapter_name or "default"
+            inject_adapter_in_model(lora.config, model, adapter_name=name)
+            set_peft_model_state_dict(model, lora.state, adapter_name=name)
+            continue
+        state = {f"{part}.{_magnitude_key(key)}": value for key, value in lora.state.items()}
+        common = dict(
+            network_alphas=None,
+            adapter_name=adapter_name,
+            metadata={f"{part}.{key}": value for key, value in lora.config.to_dict().items()},
+            _pipeline=pipe,
+        )
+        if part == "unet":
+            pipe.load_lora_into_unet(state, unet=model, **common)
+        else:
+            pipe.load_lora_into_text_encoder(state, text_encoder=model, prefix=part, **common)
 
 
 def _magnitude_key(key: str) -> str:

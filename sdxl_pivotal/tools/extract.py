@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-from ..formats.kohya import kohya_state_metadata, kohya_tensors
+from ..formats.families import lora_to_kohya
+from ..formats.kohya import kohya_state_metadata
 from ..formats.names import kohya_module_names
 from .files import FORMATS, LoraFile, existing_dir, new_output, write_lora
 from .lowrank import (
@@ -122,7 +123,8 @@ def difference_lora(
         u, sigma, vh = torch.linalg.svd(delta.flatten(1), full_matrices=False)
         new_rank = chosen_rank(sigma, rank, energy)
         down, up = lora_factors(u, sigma, vh, new_rank, delta.shape)
-        module = kohya_tensors(down.to(tuned_weight.dtype), up.to(tuned_weight.dtype), float(new_rank))
+        factors = {"lora_A.weight": down.to(tuned_weight.dtype), "lora_B.weight": up.to(tuned_weight.dtype)}
+        module = lora_to_kohya(factors, 1.0)
         state |= {f"{name}.{key}": value for key, value in module.items()}
         report.append(retained_energy(name, sigma, new_rank))
     return state, report

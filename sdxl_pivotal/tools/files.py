@@ -19,6 +19,7 @@ from ..errors import InputError
 from ..export import save_safetensors
 from ..formats.diffusers_lora import diffusers_to_peft, is_diffusers_lora, save_diffusers_peft
 from ..formats.kohya import (
+    DORA_FORM_KEY,
     TOKENS_METADATA_KEY,
     bundled_embeddings,
     kohya_to_peft,
@@ -118,11 +119,16 @@ def write_lora(path: Path, lora: LoraFile, models: Mapping[str, torch.nn.Module]
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {key: value.contiguous().cpu() for key, value in lora.lora.items()}
     if lora.format == "kohya":
+        if any(key.endswith(".dora_scale") for key in tensors) and DORA_FORM_KEY not in lora.metadata:
+            raise InputError(
+                f"{path}: the tools do not write DoRA kohya files: the form ComfyUI applies as PEFT does depends on "
+                "the base weights. Use the trainer's kohya file."
+            )
         return [save_safetensors(tensors | bundled(lora.embeddings), path, lora.metadata)]
     if len(lora.embeddings) > 1:
         raise InputError(f"{path}: a diffusers file has no room for {len(lora.embeddings)} bundled embeddings.")
     with bad_input(path):
-        written = [save_diffusers_peft(path, kohya_to_peft(tensors, models))]
+        written = [save_diffusers_peft(path, kohya_to_peft(tensors, models, lora.metadata))]
     for embeddings in lora.embeddings.values():
         tokens = {TOKENS_METADATA_KEY: lora.metadata[TOKENS_METADATA_KEY]} if lora.tokens else None
         written.append(save_safetensors(dict(embeddings), embeddings_path(path), tokens))

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from ..formats.diffusers_lora import diffusers_lora_metadata, diffusers_to_peft, is_diffusers_lora
-from ..formats.kohya import TOKENS_METADATA_KEY, kohya_alpha, kohya_modules, peft_modules, split_bundled_embeddings
+from ..formats.families import FAMILIES, PEFT_TYPES, family_of, peft_modules
+from ..formats.kohya import TOKENS_METADATA_KEY, kohya_modules, module_scale, split_bundled_embeddings
 from ..formats.load import lora_file_format
 from ..formats.names import KOHYA_PREFIXES
 from ..tokens import EMBEDDING_KEYS
@@ -29,7 +30,7 @@ SECRET_KEY = re.compile(r"secret|passw|api[_-]?key|auth|credential|(^|[._-])(hf_
 SECRET_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{20,}")
 PARTS_ORDER = (*KOHYA_PREFIXES, "other")
 # LyCORIS algorithms other than LoRA / LoCon, by the start of their tensor names.
-LYCORIS_KINDS = {"hada_": "LoHa", "lokr_": "LoKr", "oft_": "OFT", "diff": "full difference"}
+LYCORIS_KINDS = {"lora_": "LoRA", "hada_": "LoHa", "lokr_": "LoKr", "oft_": "OFT", "diff": "full difference"}
 
 
 @dataclass(frozen=True)
@@ -76,17 +77,17 @@ def kohya_module_infos(lora: Mapping[str, torch.Tensor]) -> list[ModuleInfo]:
     infos = []
     for module, tensors in kohya_modules(lora).items():
         part = next((part for prefix, part in parts.items() if module.startswith(prefix)), "other")
-        alpha = float(tensors["alpha"]) if "alpha" in tensors else None
-        if "lora_down.weight" in tensors:
-            rank = tensors["lora_down.weight"].shape[0]
-            infos.append(ModuleInfo(part, "LoRA", rank, alpha, "dora_scale" in tensors))
-        else:
-            infos.append(ModuleInfo(part, lycoris_kind(tensors), alpha=alpha))
+        try:
+            _, rank, alpha = family_of(tensors).from_kohya(tensors)
+        except ValueError:  # a LyCORIS algorithm that PEFT does not train
+            infos.append(ModuleInfo(part, lycoris_kind(tensors)))
+            continue
+        infos.append(ModuleInfo(part, lycoris_kind(tensors), rank, alpha, "dora_scale" in tensors))
     return infos
 
 
 def lycoris_kind(tensors: Mapping[str, torch.Tensor]) -> str:
-    """The LyCORIS algorithm of a module without lora_down / lora_up, by its tensor names."""
+    """The LoRA / LyCORIS algorithm of a kohya module, by its tensor names."""
     for start, kind in LYCORIS_KINDS.items():
         if any(name.startswith(start) for name in tensors):
             return kind
@@ -99,10 +100,11 @@ def diffusers_module_infos(lora: Mapping[str, torch.Tensor], metadata: Mapping[s
         raise ValueError(f"neither a kohya nor a diffusers LoRA file (keys such as {next(iter(lora))}).")
     infos = []
     for part, peft_lora in diffusers_to_peft(lora, metadata).items():
+        family = FAMILIES[PEFT_TYPES[peft_lora.config.peft_type.value]]
         for path, tensors in peft_modules(peft_lora.state).items():
-            rank = tensors["lora_A.weight"].shape[0]
-            alpha = kohya_alpha(peft_lora.config, path, rank)
-            infos.append(ModuleInfo(part, "LoRA", rank, alpha, "lora_magnitude_vector" in tensors))
+            kohya = family.to_kohya(tensors, module_scale(peft_lora.config, path))
+            _, rank, alpha = family.from_kohya(kohya)
+            infos.append(ModuleInfo(part, lycoris_kind(kohya), rank, alpha, "dora_scale" in kohya))
     return infos
 
 

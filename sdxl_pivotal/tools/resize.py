@@ -17,7 +17,8 @@ import torch
 
 from ..errors import InputError
 from ..formats.architecture import SDXL_BASE_MODEL, empty_sdxl_models
-from ..formats.kohya import kohya_modules, kohya_state_metadata, kohya_tensors
+from ..formats.families import lora_to_kohya
+from ..formats.kohya import kohya_modules, kohya_state_metadata
 from .files import existing_file, new_output, read_lora, write_lora
 from .lowrank import (
     RetainedEnergy,
@@ -93,7 +94,8 @@ def resize_module(
     u, sigma, vh = svd_of_product(scale * up.flatten(1).double(), down.flatten(1).double())
     new_rank = chosen_rank(sigma, rank, energy)
     new_down, new_up = lora_factors(u, sigma, vh, new_rank, torch.Size([up.shape[0], *down.shape[1:]]))
-    new_tensors = kohya_tensors(
-        new_down.to(down.dtype), new_up.to(up.dtype), float(new_rank), tensors.get("dora_scale")
-    )
+    factors = {"lora_A.weight": new_down.to(down.dtype), "lora_B.weight": new_up.to(up.dtype)}
+    if "dora_scale" in tensors:
+        factors["lora_magnitude_vector"] = tensors["dora_scale"]
+    new_tensors = lora_to_kohya(factors, 1.0)
     return new_tensors, retained_energy(module, sigma, new_rank)
