@@ -10,9 +10,12 @@ from .tokens import PivotalTokens
 
 SETTINGS = (
     "resolution",
+    "adapter",
     "rank",
     "lora_alpha",
     "use_dora",
+    "lora_target",
+    "conv_rank",
     "optimizer",
     "learning_rate",
     "text_encoder_lr",
@@ -39,21 +42,27 @@ def diffusers_code(args: argparse.Namespace, tokens: PivotalTokens | None, repo_
     emb_name = embeddings_file_name(args.output_dir)
     prompt = tokens.substitute(args.instance_prompt) if tokens else args.instance_prompt
     clip_skip = f", clip_skip={args.clip_skip}" if args.clip_skip is not None else ""
-    lines = [
-        "import torch",
-        "from diffusers import StableDiffusionXLPipeline",
-    ]
-    if tokens and repo_id:
+    lora = args.adapter == "lora"
+    lines = ["import torch", "from diffusers import StableDiffusionXLPipeline"]
+    if repo_id and (tokens or not lora):
         lines.append("from huggingface_hub import hf_hub_download")
-    if tokens:
+    if not lora:
+        lines += ["from peft import PeftConfig, inject_adapter_in_model, set_peft_model_state_dict", "import json"]
+        lines.append("from safetensors import safe_open")
+    if tokens or not lora:
         lines.append("from safetensors.torch import load_file")
     lines += [
         "",
         "pipe = StableDiffusionXLPipeline.from_pretrained(",
         f'    "{args.pretrained_model_name_or_path}", dtype=torch.float16',
         ').to("cuda")',
-        f'pipe.load_lora_weights("{where}", weight_name="{LORA_WEIGHTS_NAME}")',
     ]
+    if lora:
+        lines.append(f'pipe.load_lora_weights("{where}", weight_name="{LORA_WEIGHTS_NAME}")')
+    else:
+        lines += peft_loading_code(
+            f'hf_hub_download("{repo_id}", "{LORA_WEIGHTS_NAME}")' if repo_id else f'"{where}/{LORA_WEIGHTS_NAME}"'
+        )
     if tokens:
         token_list = ", ".join(f'"{t}"' for t in tokens.all_tokens)
         lines += [
@@ -69,6 +78,25 @@ def diffusers_code(args: argparse.Namespace, tokens: PivotalTokens | None, repo_
         ]
     lines.append(f'image = pipe("{prompt}"{clip_skip}).images[0]')
     return "\n".join(lines)
+
+
+def peft_loading_code(path_expression: str) -> list[str]:
+    """LoHa / LoKr, which diffusers' `load_lora_weights` does not read: each part's PEFT config (in the file's
+    metadata) and tensors, injected with PEFT."""
+    return [
+        "# LoHa / LoKr: diffusers' load_lora_weights reads LoRA only; PEFT loads each part with its config",
+        f"path = {path_expression}",
+        'with safe_open(path, "pt") as file:',
+        '    configs = json.loads(file.metadata()["lora_adapter_metadata"])',
+        "state = load_file(path)",
+        'for part in ("unet", "text_encoder", "text_encoder_2"):',
+        '    own = {k.removeprefix(part + "."): v for k, v in state.items() if k.startswith(part + ".")}',
+        "    if own:",
+        '        config = {k.removeprefix(part + "."): v for k, v in configs.items() if k.startswith(part + ".")}',
+        "        model = getattr(pipe, part)",
+        "        inject_adapter_in_model(PeftConfig.from_peft_type(**config), model)",
+        "        set_peft_model_state_dict(model, {k: v.to(model.dtype) for k, v in own.items()})",
+    ]
 
 
 def ui_instructions(args: argparse.Namespace, tokens: PivotalTokens | None) -> str:
@@ -93,6 +121,16 @@ def ui_instructions(args: argparse.Namespace, tokens: PivotalTokens | None) -> s
     elif tokens:
         a1111_embedding = f" The new embeddings are bundled in that file and load as the embedding `{bundled}`."
     comfy_embedding = f" Copy `{emb_file}` into `models/embeddings/`." if tokens else ""
+    if args.use_dora:
+        return f"""## Use it in ComfyUI or Forge
+
+Copy `{kohya}` into `models/loras/` (ComfyUI) or `models/Lora/` (Forge).{comfy_embedding}
+Prompt: `{comfy_prompt}` (Forge: `{a1111_prompt} <lora:{name}:1>`). The file's DoRA magnitudes are in the form
+ComfyUI and Forge apply: at strength 1 they reproduce this model exactly.
+
+**Not for AUTOMATIC1111:** its DoRA normalises the weights over input channels, this model's (PEFT's) over
+output channels; no file gives A1111 this model's weights. Use ComfyUI, Forge or diffusers.
+"""
     return f"""## Use it in AUTOMATIC1111 / SD.Next / Forge
 
 Copy `{kohya}` into `models/Lora/`.{a1111_embedding} Prompt: `{a1111_prompt} <lora:{name}:1>`

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from peft.tuners.lokr import LoKrLayer
+from peft_layers import adapter_layers
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -78,22 +80,41 @@ def test_model_card_has_tokens_code_and_samples(run_training, tmp_path):
     assert "`a photo of embedding:tok-toy_emb toy`" in card
     assert (out / "tok-toy.safetensors").is_file() and (out / "tok-toy_emb.safetensors").is_file()
     # The card's diffusers code is real code: run it (CPU, fp32, local paths) and get an image.
-    code = card.split("```python\n")[1].split("```")[0]
-    code = code.replace("dtype=torch.float16", "dtype=torch.float32").replace('.to("cuda")', "")
-    code = code.replace(
-        'pipe("a photo of <s0><s1> toy", clip_skip=1)',
-        'pipe("a photo of <s0><s1> toy", clip_skip=1, num_inference_steps=2, height=64, width=64)',
-    )
-    namespace: dict = {}
+    namespace = run_card_code(card, out, 'pipe("a photo of <s0><s1> toy", clip_skip=1')
+    assert namespace["image"].size == (64, 64)
+
+
+def run_card_code(card: str, out: Path, call: str) -> dict:
+    """Execute the card's diffusers code on the CPU in float32 from the output folder's parent, with `call` (the
+    start of its pipeline call) made small; return its namespace."""
     import os
 
+    code = card.split("```python\n")[1].split("```")[0]
+    code = code.replace("dtype=torch.float16", "dtype=torch.float32").replace('.to("cuda")', "")
+    code = code.replace(call, call + ", num_inference_steps=2, height=64, width=64")
+    namespace: dict = {}
     cwd = os.getcwd()
     os.chdir(out.parent)
     try:
         exec(compile(code, "model-card", "exec"), namespace)
     finally:
         os.chdir(cwd)
+    return namespace
+
+
+def test_model_card_code_loads_lokr_and_warns_a1111_users_off_dora(run_training, tmp_path):
+    """diffusers' load_lora_weights reads no LoKr: the card loads it with PEFT, and the code runs."""
+    out = run_training(tmp_path / "lokr", "--max_train_steps", "1", "--adapter", "lokr", "--train_text_encoder")
+    card = (out / "README.md").read_text()
+    assert "pipe.load_lora_weights(" not in card and "| `adapter` | `lokr` |" in card
+    namespace = run_card_code(card, out, 'pipe("a photo of TOK toy"')
     assert namespace["image"].size == (64, 64)
+    assert adapter_layers(namespace["pipe"].unet) and adapter_layers(namespace["pipe"].text_encoder_2)
+    assert all(isinstance(layer, LoKrLayer) for layer in adapter_layers(namespace["pipe"].unet).values())
+
+    dora = run_training(tmp_path / "dora", "--max_train_steps", "1", "--use_dora")
+    card = (dora / "README.md").read_text()
+    assert "Not for AUTOMATIC1111" in card and "## Use it in ComfyUI or Forge" in card
 
 
 @pytest.mark.parametrize(
