@@ -154,7 +154,7 @@ class Interrupted(Exception):
 
 
 TRAINED = {
-    "lora_conv": ("--conv_rank", "4"),
+    "lora_conv": ("--conv_rank", "4", "--unet_block_ranks", "down=2", "--unet_block_lr", "mid=0.5,up=2"),
     "dora_conv": ("--use_dora", "--conv_rank", "4"),
     "loha": ("--adapter", "loha", "--conv_rank", "4", "--mixed_precision", "bf16", "--module_dropout", "0.1"),
     "lokr": ("--adapter", "lokr", "--conv_rank", "4", "--train_text_encoder_ti", "--rank_dropout", "0.1"),
