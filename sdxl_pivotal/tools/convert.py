@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..formats.architecture import SDXL_BASE_MODEL, empty_sdxl_models
-from ..formats.kohya import TOKENS_METADATA_KEY, embedding_name, kohya_state_metadata
+from ..formats.kohya import LOKR_OPTIONS_KEY, TOKENS_METADATA_KEY, embedding_name, kohya_state_metadata
 from .files import FORMATS, embeddings_path, existing_file, new_output, read_embeddings, read_lora, write_lora
 
 
@@ -66,5 +66,6 @@ def convert_lora(
     if to == "kohya" and lora.format == "diffusers":
         base_model = str(base or SDXL_BASE_MODEL)
         metadata = kohya_state_metadata(lora.lora, name, base_model, lora.tokens, bundled=bool(lora.embeddings))
+        metadata |= {key: value for key, value in lora.metadata.items() if key == LOKR_OPTIONS_KEY}
         lora = dataclasses.replace(lora, metadata=metadata)
     return write_lora(output, dataclasses.replace(lora, format=to), models)

@@ -23,6 +23,7 @@ from ..formats.kohya import (
     TOKENS_METADATA_KEY,
     bundled_embeddings,
     kohya_to_peft,
+    lokr_options,
     peft_to_kohya,
     split_bundled_embeddings,
 )
@@ -109,7 +110,9 @@ def read_lora(path: str | Path, models: Mapping[str, torch.nn.Module]) -> LoraFi
         if not is_diffusers_lora(lora):
             raise InputError(f"{path} is neither a kohya nor a diffusers LoRA file (keys such as {next(iter(lora))}).")
         with bad_input(path):
-            lora = peft_to_kohya(diffusers_to_peft(lora, metadata), models)
+            loras = diffusers_to_peft(lora, metadata)
+            lora = peft_to_kohya(loras, models)
+        metadata = metadata | lokr_options(next(iter(loras.values())).config)
     return LoraFile(file_format, lora, embeddings, metadata)
 
 
