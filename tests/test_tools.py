@@ -324,7 +324,7 @@ def test_inspect_names_format_counts_and_ranks(lora_files, pivotal_dora_kohya, c
         assert unet in report, report
         assert "text_encoder: 12 modules (12 LoRA); rank 4; alpha 2" in report
         assert "text_encoder_2: 8 modules (8 LoRA); rank 3; alpha 5" in report
-    assert report[1] == "format: diffusers (PEFT; LoRA configs in metadata)"
+    assert report[1] == "format: diffusers (PEFT; PEFT configs in metadata)"
 
     assert tools("inspect", pivotal_dora_kohya) == 0
     report = capsys.readouterr().out.splitlines()

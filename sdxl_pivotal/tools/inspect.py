@@ -95,7 +95,7 @@ def lycoris_kind(tensors: Mapping[str, torch.Tensor]) -> str:
 
 
 def diffusers_module_infos(lora: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> list[ModuleInfo]:
-    """The modules of a diffusers LoRA file, with the alphas its LoRA configs give them."""
+    """The modules of a diffusers LoRA file, with the alphas its PEFT configs give them."""
     if not is_diffusers_lora(lora):
         raise ValueError(f"neither a kohya nor a diffusers LoRA file (keys such as {next(iter(lora))}).")
     infos = []
@@ -113,7 +113,7 @@ def format_label(file_format: str, modules: list[ModuleInfo], metadata: Mapping[
     dora = any(module.dora for module in modules)
     if file_format == "diffusers":
         has_configs = diffusers_lora_metadata(metadata) is not None
-        configs = "LoRA configs in metadata" if has_configs else "no LoRA configs: alpha = rank"
+        configs = "PEFT configs in metadata" if has_configs else "no configs: alpha = rank"
         return f"diffusers (PEFT{' with DoRA' if dora else ''}; {configs})"
     lycoris = sorted({module.kind for module in modules} - {"LoRA"}) + (["DoRA"] if dora else [])
     label = f"kohya (LyCORIS: {', '.join(lycoris)})" if lycoris else "kohya"
