@@ -16,12 +16,6 @@ from pathlib import Path
 from .class_images import validate_prior_flags
 from .errors import InputError
 
-# Features of the reference script that later versions of this project implement. Their flags are
-# accepted (so existing command lines parse), but asking for the feature stops the run at once.
-NOT_YET = {
-    "do_edm_style_training": "EDM-style training",
-}
-
 LR_SCHEDULERS = (
     "linear",
     "cosine",
@@ -270,19 +264,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Reject bad or contradictory flags before any model or data is loaded. Raises ValueError."""
-    # Contradictions first: they stay errors once the not-yet features exist, so they are the real problem.
+    # Contradictions first: they are the real problem whatever else is wrong.
     if args.use_blora and args.lora_unet_blocks:
         raise InputError("--use_blora fixes the UNet blocks itself; do not also pass --lora_unet_blocks.")
     if args.train_text_encoder and args.train_text_encoder_ti:
         raise InputError(
             "Use either --train_text_encoder (LoRA) or --train_text_encoder_ti (pivotal tuning), not both."
         )
-    for flag, feature in NOT_YET.items():
-        if getattr(args, flag):
-            raise InputError(
-                f"--{flag} asks for {feature}, which this version of the trainer does not implement yet. "
-                f"Remove --{flag} to train without it."
-            )
+    if args.do_edm_style_training and args.snr_gamma is not None:
+        raise InputError(
+            "--snr_gamma weights the DDPM objective; EDM-style training weights its loss by 1/sigma^2 itself. "
+            "Drop one of --snr_gamma and --do_edm_style_training."
+        )
 
     _validate_data_source(args)
     _validate_output_dir(args)

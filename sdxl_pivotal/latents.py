@@ -58,6 +58,17 @@ def fixed_crop(dataset, record, size: tuple[int, int], rng_key: list[int]) -> tu
     return variants, crops, original_size
 
 
+def scale_latents(latents: torch.Tensor, vae_config) -> torch.Tensor:
+    """VAE latents as the UNet sees them: times the VAE's scaling factor, after removing the per-channel mean and
+    std when the VAE's config has them (Playground v2.5's), as diffusers' pipelines do."""
+    mean, std = getattr(vae_config, "latents_mean", None), getattr(vae_config, "latents_std", None)
+    if mean is None or std is None:
+        return latents * vae_config.scaling_factor
+    mean = torch.tensor(mean, device=latents.device, dtype=latents.dtype).reshape(1, -1, 1, 1)
+    std = torch.tensor(std, device=latents.device, dtype=latents.dtype).reshape(1, -1, 1, 1)
+    return (latents - mean) * vae_config.scaling_factor / std
+
+
 def build_latent_cache(dataset, vae: torch.nn.Module, cache_dir: Path | None, batch_size: int = 8) -> dict:
     """Encode every (record, size, flip) the dataset can ask for; return {CacheKey: CachedLatents}."""
     fingerprint = vae_fingerprint(vae) if cache_dir else ""

@@ -1,4 +1,6 @@
-"""The diffusion objective: noise, timesteps, the regression target and min-SNR weighting."""
+"""The diffusion objective: noise, timesteps, the regression target and min-SNR weighting; and EDM-style
+training (Karras et al., 2022, https://arxiv.org/abs/2206.00364), which preconditions the UNet's input and output
+by the noise level sigma and regresses the clean latents."""
 
 from __future__ import annotations
 
@@ -53,6 +55,53 @@ def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> t
     if noise_scheduler.config.prediction_type == "v_prediction":
         return clamped / (snr + 1)
     return clamped / snr
+
+
+def is_edm_scheduler(noise_scheduler) -> bool:
+    """Whether the model's own scheduler is an EDM one (Playground v2.5): such models always train EDM-style."""
+    return "EDM" in type(noise_scheduler).__name__
+
+
+def sample_edm_noise_levels(
+    noise_scheduler, batch_size: int, generator: torch.Generator, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(timesteps, sigmas [B, 1, 1, 1]) of entries drawn uniformly from the scheduler's training table: the UNet
+    is conditioned on the table's timestep (for an EDM scheduler, its preconditioned noise level) of each sigma."""
+    indices = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+    timesteps = noise_scheduler.timesteps[indices].to(device)
+    sigmas = noise_scheduler.sigmas[indices].to(device, dtype=torch.float32)
+    return timesteps, sigmas.reshape(batch_size, 1, 1, 1)
+
+
+def edm_unet_input(noise_scheduler, noisy_latents: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """c_in(sigma) x_sigma: EDM's input scaling (an EDM scheduler's own; for an epsilon/v model trained on the
+    variance-preserving process, 1 / sqrt(sigma^2 + 1), which gives it the inputs it was trained on)."""
+    if is_edm_scheduler(noise_scheduler):
+        return noise_scheduler.precondition_inputs(noisy_latents, sigmas)
+    return noisy_latents / (sigmas**2 + 1) ** 0.5
+
+
+def edm_denoised(
+    noise_scheduler, noisy_latents: torch.Tensor, prediction: torch.Tensor, sigmas: torch.Tensor
+) -> torch.Tensor:
+    """The UNet's estimate of the clean latents, c_skip(sigma) x_sigma + c_out(sigma) F(x):
+    epsilon: x_sigma - sigma eps;  v: -sigma / sqrt(sigma^2 + 1) v + x_sigma / (sigma^2 + 1)."""
+    if is_edm_scheduler(noise_scheduler):
+        return noise_scheduler.precondition_outputs(noisy_latents, prediction, sigmas)
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noisy_latents - sigmas * prediction
+    if prediction_type == "v_prediction":
+        return prediction * (-sigmas / (sigmas**2 + 1) ** 0.5) + noisy_latents / (sigmas**2 + 1)
+    raise ValueError(f"Unsupported prediction type {prediction_type!r}; use epsilon or v_prediction.")
+
+
+def edm_weights(noise_scheduler, sigmas: torch.Tensor) -> torch.Tensor | None:
+    """Per-sample loss weights 1 / sigma^2, which turn the x0-loss back into the model's own objective; none
+    with an EDM scheduler (as the reference: with its c_out the weights are numerically unstable)."""
+    if is_edm_scheduler(noise_scheduler):
+        return None
+    return sigmas.flatten().float() ** -2
 
 
 def diffusion_loss(

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import InputError
+
 logger = logging.getLogger(__name__)
 
 
@@ -24,7 +26,7 @@ class SDXLParts:
 
 def load_sdxl(args: argparse.Namespace) -> SDXLParts:
     """Load tokenizers, text encoders, VAE, UNet and the training noise scheduler, all frozen."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
     source = dict(revision=args.revision, cache_dir=args.cache_dir)
@@ -39,12 +41,36 @@ def load_sdxl(args: argparse.Namespace) -> SDXLParts:
     else:
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **weights)
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights)
-    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **source)
-    if args.prediction_type is not None:
-        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    noise_scheduler = load_noise_scheduler(args, source)
     for model in (text_encoder, text_encoder_2, vae, unet):
         model.requires_grad_(False)
     return SDXLParts(tokenizer, tokenizer_2, text_encoder, text_encoder_2, vae, unet, noise_scheduler)
+
+
+def load_noise_scheduler(args: argparse.Namespace, source: dict):
+    """The training scheduler, as the reference picks it: the model's own scheduler is an EDM one (Playground
+    v2.5) -> EDMEulerScheduler and EDM-style training; --do_edm_style_training -> EulerDiscreteScheduler (its
+    table of sigmas); else DDPMScheduler. --prediction_type overrides the model's target."""
+    from diffusers import DDPMScheduler, EDMEulerScheduler, EulerDiscreteScheduler
+
+    path = args.pretrained_model_name_or_path
+    config = DDPMScheduler.load_config(path, subfolder="scheduler", **source)
+    if "EDM" in config["_class_name"]:
+        if args.snr_gamma is not None:
+            raise InputError(
+                f"{path} has an EDM scheduler, so it trains EDM-style (loss weighted by its preconditioning); "
+                "--snr_gamma does not apply: drop it."
+            )
+        logger.info("%s has an EDM scheduler: EDM-style training.", path)
+        scheduler_class = EDMEulerScheduler
+    elif args.do_edm_style_training:
+        scheduler_class = EulerDiscreteScheduler
+    else:
+        scheduler_class = DDPMScheduler
+    noise_scheduler = scheduler_class.from_pretrained(path, subfolder="scheduler", **source)
+    if args.prediction_type is not None:
+        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    return noise_scheduler
 
 
 def trained_models(parts: SDXLParts, args: argparse.Namespace) -> dict[str, torch.nn.Module]:

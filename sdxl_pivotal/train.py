@@ -24,8 +24,19 @@ from .class_images import ensure_class_images, generation_dtype, load_generation
 from .data import Batch, DreamBoothDataset, ImageRecord, StepPlan, iterate_steps, load_records, open_image
 from .export import embeddings_file_name, output_name, save_safetensors
 from .formats import save_diffusers_lora, save_kohya_lora
-from .latents import build_latent_cache
-from .losses import diffusion_loss, min_snr_weights, sample_noise, sample_timesteps, training_target
+from .latents import build_latent_cache, scale_latents
+from .losses import (
+    diffusion_loss,
+    edm_denoised,
+    edm_unet_input,
+    edm_weights,
+    is_edm_scheduler,
+    min_snr_weights,
+    sample_edm_noise_levels,
+    sample_noise,
+    sample_timesteps,
+    training_target,
+)
 from .models import SDXLParts, load_sdxl, place_models, trained_models
 from .optim import create_lr_scheduler, create_optimizer, parameter_groups, trainable_parameters
 from .prompts import PromptEncoder
@@ -64,27 +75,39 @@ def batch_loss(
             posterior = DiagonalGaussianDistribution(batch.latent_params.to(device, dtype=vae_dtype))
         else:
             posterior = vae.encode(batch.pixel_values.to(device, dtype=vae_dtype)).latent_dist
-        latents = posterior.sample(generator=generator) * vae.config.scaling_factor
+        latents = scale_latents(posterior.sample(generator=generator), vae.config)
     latents = latents.to(unet_weight.dtype)
 
-    # Forward diffusion: x_t = sqrt(alpha_bar_t) * x_0 + sqrt(1 - alpha_bar_t) * noise.
     noise = sample_noise(latents, generator, args.noise_offset)
-    timesteps = sample_timesteps(len(latents), scheduler.config.num_train_timesteps, generator, device)
-    noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+    edm = args.do_edm_style_training or is_edm_scheduler(scheduler)
+    if edm:
+        # EDM forward process: x_sigma = x_0 + sigma * noise, scaled by c_in(sigma) for the UNet.
+        timesteps, sigmas = sample_edm_noise_levels(scheduler, len(latents), generator, device)
+        noisy_latents = latents + sigmas.to(latents.dtype) * noise
+        unet_input = edm_unet_input(scheduler, noisy_latents, sigmas.to(latents.dtype))
+    else:
+        # Forward diffusion: x_t = sqrt(alpha_bar_t) * x_0 + sqrt(1 - alpha_bar_t) * noise.
+        timesteps = sample_timesteps(len(latents), scheduler.config.num_train_timesteps, generator, device)
+        noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+        unet_input = noisy_latents
 
     prompt_embeds, pooled_embeds = encode_prompts(batch.captions, trainable=text_trainable)
     # SDXL micro-conditioning: (original h, w, crop top, left, target h, w) for each image.
     time_ids = batch.time_ids.to(device, dtype=prompt_embeds.dtype)
     prediction = unet(
-        noisy_latents,
+        unet_input,
         timesteps,
         encoder_hidden_states=prompt_embeds,
         added_cond_kwargs={"text_embeds": pooled_embeds, "time_ids": time_ids},
         return_dict=False,
     )[0]
 
-    target = training_target(scheduler, latents, noise, timesteps)
-    weights = min_snr_weights(scheduler, timesteps, args.snr_gamma) if args.snr_gamma else None
+    if edm:  # regress the clean latents through the output preconditioning
+        prediction = edm_denoised(scheduler, noisy_latents, prediction, sigmas.to(prediction.dtype))
+        target, weights = latents, edm_weights(scheduler, sigmas)
+    else:
+        target = training_target(scheduler, latents, noise, timesteps)
+        weights = min_snr_weights(scheduler, timesteps, args.snr_gamma) if args.snr_gamma else None
     if not batch.num_prior:
         return diffusion_loss(prediction, target, weights)
     # Prior preservation: instance and class images share one UNet call; their losses are weighted apart.

@@ -33,8 +33,11 @@ def is_validation_step(args: argparse.Namespace, done: int, steps_per_epoch: int
 
 def sdxl_pipeline(parts, unet: torch.nn.Module, text_encoders: list[torch.nn.Module]):
     """A StableDiffusionXLPipeline around the training modules (no copy, no loading)."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from diffusers import EDMEulerScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline
 
+    from .losses import is_edm_scheduler
+
+    scheduler_class = EDMEulerScheduler if is_edm_scheduler(parts.noise_scheduler) else EulerDiscreteScheduler
     pipeline = StableDiffusionXLPipeline(
         vae=parts.vae,
         text_encoder=text_encoders[0],
@@ -42,7 +45,7 @@ def sdxl_pipeline(parts, unet: torch.nn.Module, text_encoders: list[torch.nn.Mod
         tokenizer=parts.tokenizer,
         tokenizer_2=parts.tokenizer_2,
         unet=unet,
-        scheduler=EulerDiscreteScheduler.from_config(parts.noise_scheduler.config),
+        scheduler=scheduler_class.from_config(parts.noise_scheduler.config),
     )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline

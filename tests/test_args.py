@@ -204,26 +204,15 @@ def test_resume_from_a_missing_checkpoint(argv):
         parse_args([*argv, "--resume_from_checkpoint", "checkpoint-7"])
 
 
-# ---------------------------------------------------------------------------------------------- not-yet features
-
-NOT_YET_FEATURES = {
-    "--do_edm_style_training": (["--do_edm_style_training", "true"], "EDM"),
-}
-
-
-@pytest.mark.parametrize("flag", sorted(NOT_YET_FEATURES))
-def test_not_yet_features_fail_fast(argv, flag):
-    flags, feature = NOT_YET_FEATURES[flag]
-    with pytest.raises(ValueError, match="does not implement yet") as error:
-        parse_args([*argv, *flags])
-    assert flag in str(error.value)
-    assert feature in str(error.value)
+def test_edm_style_training_and_snr_gamma_exclude_each_other(argv):
+    with pytest.raises(ValueError, match="Drop one of --snr_gamma and --do_edm_style_training"):
+        parse_args([*argv, "--do_edm_style_training", "--snr_gamma", "5"])
 
 
 @pytest.mark.parametrize(
     "flag", ["--with_prior_preservation", "--do_edm_style_training", "--cache_latents", "--push_to_hub"]
 )
-def test_not_yet_flags_turned_off_are_accepted(argv, flag):
+def test_boolean_features_turned_off_are_accepted(argv, flag):
     assert getattr(parse_args([*argv, flag, "False"]), flag[2:]) is False
 
 
@@ -277,7 +266,6 @@ def reference_flags() -> list[tuple[str, str]]:
     return rows
 
 
-NOT_YET_FLAGS = set(NOT_YET_FEATURES)
 # Values that the generic rule below would get wrong (must be valid together with the base command line).
 SPECIAL_VALUES = {
     "--resolution": "64",
@@ -330,10 +318,6 @@ def test_reference_flag_is_accepted(argv, tmp_path, image_dir, flag, default):
     if flag == "--with_prior_preservation":
         base = [*base, "--class_prompt", "a photo of a toy", "--class_data_dir", str(tmp_path / "class")]
     command = [*base, flag, text]
-    if flag in NOT_YET_FLAGS:
-        with pytest.raises(ValueError, match=f"{flag} .*does not implement yet"):
-            parse_args(command)
-        return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. --class_prompt without prior preservation: accepted, with a warning
         args = parse_args(command)
@@ -386,9 +370,9 @@ def test_cli_missing_data_folder(argv, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_not_yet_feature(argv, tmp_path):
-    result, seconds = run_cli(*argv, "--do_edm_style_training")
-    assert_clean_failure(result, seconds, "--do_edm_style_training asks for EDM-style training")
+def test_cli_contradictory_flags(argv, tmp_path):
+    result, seconds = run_cli(*argv, "--do_edm_style_training", "--snr_gamma", "5")
+    assert_clean_failure(result, seconds, "Drop one of --snr_gamma and --do_edm_style_training")
     assert not (tmp_path / "out").exists()
 
 

@@ -8,7 +8,18 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from sdxl_pivotal.losses import diffusion_loss, min_snr_weights, sample_noise, sample_timesteps, training_target
+from sdxl_pivotal.losses import (
+    diffusion_loss,
+    edm_denoised,
+    edm_unet_input,
+    edm_weights,
+    is_edm_scheduler,
+    min_snr_weights,
+    sample_edm_noise_levels,
+    sample_noise,
+    sample_timesteps,
+    training_target,
+)
 
 
 def sdxl_scheduler(prediction_type: str) -> DDPMScheduler:
@@ -71,3 +82,53 @@ def test_weighted_loss_is_weighted_mean_of_per_sample_mse():
     prediction, target = torch.zeros(2, 1, 2, 2), torch.stack([torch.ones(1, 2, 2), 2 * torch.ones(1, 2, 2)])
     assert diffusion_loss(prediction, target).item() == pytest.approx((1 + 4) / 2)
     assert diffusion_loss(prediction, target, torch.tensor([1.0, 0.5])).item() == pytest.approx((1 + 2) / 2)
+
+
+# ---------------------------------------------------------------------------------------------- EDM-style
+
+
+def euler_scheduler(prediction_type: str):
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type=prediction_type
+    )
+
+
+def test_edm_noise_levels_are_the_schedulers_sigmas_of_those_timesteps():
+    """x_sigma = x_0 + sigma * noise is the Euler scheduler's own forward process at the drawn timesteps, and
+    sigma = sqrt((1 - alpha_bar) / alpha_bar) of the timestep (closed form)."""
+    scheduler = euler_scheduler("epsilon")
+    timesteps, sigmas = sample_edm_noise_levels(scheduler, 6, torch.Generator().manual_seed(0), "cpu")
+    assert sigmas.shape == (6, 1, 1, 1) and len(set(timesteps.tolist())) > 1
+    for t, sigma in zip(timesteps.tolist(), sigmas.flatten().tolist(), strict=True):
+        assert sigma == pytest.approx(math.sqrt((1 - alpha_bar(round(t))) / alpha_bar(round(t))), rel=1e-4)
+    x0, noise = torch.randn(6, 4, 8, 8), torch.randn(6, 4, 8, 8)
+    torch.testing.assert_close(x0 + sigmas * noise, scheduler.add_noise(x0, noise, timesteps))
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_edm_preconditioning_recovers_x0_from_the_exact_prediction(prediction_type):
+    """The UNet sees the variance-preserving x_t = x_sigma / sqrt(sigma^2 + 1); given the exact epsilon (or v) of
+    that x_t, the output preconditioning returns x_0 exactly, so the x0-loss of a perfect model is zero."""
+    scheduler = euler_scheduler(prediction_type)
+    sigmas = torch.tensor([0.1, 1.0, 14.0]).reshape(3, 1, 1, 1)
+    x0, noise = torch.randn(3, 4, 8, 8, dtype=torch.float64), torch.randn(3, 4, 8, 8, dtype=torch.float64)
+    noisy = x0 + sigmas * noise
+    alpha, sigma_t = 1 / (sigmas**2 + 1) ** 0.5, sigmas / (sigmas**2 + 1) ** 0.5  # of the VP process
+    torch.testing.assert_close(edm_unet_input(scheduler, noisy, sigmas), alpha * x0 + sigma_t * noise)
+    exact = noise if prediction_type == "epsilon" else alpha * noise - sigma_t * x0
+    torch.testing.assert_close(edm_denoised(scheduler, noisy, exact, sigmas), x0)
+    torch.testing.assert_close(edm_weights(scheduler, sigmas), sigmas.flatten().float() ** -2)
+
+
+def test_edm_scheduler_uses_its_own_preconditioning():
+    from diffusers import EDMEulerScheduler
+
+    scheduler = EDMEulerScheduler(sigma_data=0.5)
+    assert is_edm_scheduler(scheduler) and not is_edm_scheduler(euler_scheduler("epsilon"))
+    timesteps, sigmas = sample_edm_noise_levels(scheduler, 4, torch.Generator().manual_seed(0), "cpu")
+    torch.testing.assert_close(timesteps, scheduler.precondition_noise(sigmas.flatten()))
+    x = torch.randn(4, 4, 8, 8)
+    torch.testing.assert_close(edm_unet_input(scheduler, x, sigmas), x / (sigmas**2 + 0.25) ** 0.5)
+    assert edm_weights(scheduler, sigmas) is None

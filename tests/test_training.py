@@ -16,6 +16,7 @@ from sdxl_pivotal.adapters import add_adapters
 from sdxl_pivotal.args import parse_args
 from sdxl_pivotal.checkpoints import PARAMS_FILE, complete_checkpoints
 from sdxl_pivotal.data import DreamBoothDataset, collate, load_records
+from sdxl_pivotal.errors import InputError
 from sdxl_pivotal.models import SDXLParts, load_sdxl
 from sdxl_pivotal.prompts import PromptEncoder
 from sdxl_pivotal.train import batch_loss
@@ -241,3 +242,51 @@ def test_bf16_mixed_precision_trains_with_float32_lora(run_training, tmp_path):
     state = load_file(out / "checkpoint-2" / PARAMS_FILE)
     assert any(k.endswith("new_rows") for k in state) and all(t.dtype == torch.float32 for t in state.values())
     assert all(torch.isfinite(t).all() for t in lora_file(out).values())
+
+
+def test_edm_style_training_lowers_its_loss_and_resumes_exactly(run_training, tiny_model, demo_images, tmp_path):
+    """--do_edm_style_training: Euler sigmas, input/output preconditioning, x0 target weighted by 1/sigma^2."""
+    from sdxl_pivotal.formats.load import load_for_diffusers
+    from sdxl_pivotal.validation import sdxl_pipeline
+
+    flags = ("--do_edm_style_training", "--learning_rate", "1e-2", "--checkpointing_steps", "3")
+    out = run_training(tmp_path / "run", *flags, "--max_train_steps", "24")
+    args = base_args(tiny_model, demo_images, tmp_path / "eval", "--do_edm_style_training")
+    parts = load_sdxl(args)
+    assert type(parts.noise_scheduler).__name__ == "EulerDiscreteScheduler"
+    before = eval_loss(parts, args)
+    load_for_diffusers(sdxl_pipeline(parts, parts.unet, [parts.text_encoder, parts.text_encoder_2]), out)
+    after = eval_loss(parts, args)
+    assert after < 0.98 * before, (before, after)
+
+    run_training(tmp_path / "resumed", *flags, "--max_train_steps", "3")
+    run_training(tmp_path / "resumed", *flags, "--max_train_steps", "6", "--resume_from_checkpoint", "latest")
+    uninterrupted = run_training(tmp_path / "six", *flags, "--max_train_steps", "6")
+    assert_same_tensors(lora_file(tmp_path / "resumed"), lora_file(uninterrupted))
+
+
+def test_a_model_with_an_edm_scheduler_trains_edm_style(run_training, tiny_model, demo_images, tmp_path):
+    """As the reference: a model whose scheduler is an EDM one (Playground v2.5) trains EDM-style and validates
+    with an EDM sampler; --snr_gamma is refused for it."""
+    import shutil
+
+    from diffusers import EDMEulerScheduler
+
+    model = tmp_path / "edm-model"
+    shutil.copytree(tiny_model, model)
+    EDMEulerScheduler(sigma_data=0.5).save_pretrained(model / "scheduler")
+    data = ("--instance_data_dir", str(demo_images))
+    parts = load_sdxl(base_args(model, demo_images, tmp_path / "x"))
+    assert isinstance(parts.noise_scheduler, EDMEulerScheduler)
+    out = run_training(
+        tmp_path / "run",
+        "--pretrained_model_name_or_path",
+        str(model),
+        *("--max_train_steps", "2", "--validation_prompt", "a photo of TOK toy", "--num_validation_images", "1"),
+        *("--validation_inference_steps", "2"),
+        data=data,
+    )
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    assert list((out / "validation").rglob("*.png"))
+    with pytest.raises(InputError, match="has an EDM scheduler"):
+        load_sdxl(base_args(model, demo_images, tmp_path / "y", "--snr_gamma", "5"))
