@@ -133,8 +133,8 @@ def _block_values(spec: str | None, flag: str, paths: list[str]) -> Callable[[st
 
 
 def peft_config(args: argparse.Namespace, plan: AdapterPlan) -> PeftConfig:
-    """The PEFT config of `--adapter` for the modules of `plan`: the flags' rank and alpha, the others as
-    patterns (full module paths, which PEFT matches exactly)."""
+    """The PEFT config of `--adapter` for the modules of `plan` (full paths, which PEFT matches exactly, or names):
+    the flags' rank and alpha, the others as patterns."""
     ranks = {path: m.rank for path, m in plan.items() if m.rank != args.rank}
     alphas = {path: m.alpha for path, m in plan.items() if m.alpha != args.lora_alpha}
     common = dict(target_modules=sorted(plan), rank_pattern=ranks, alpha_pattern=alphas, r=args.rank)
@@ -158,23 +158,16 @@ def peft_config(args: argparse.Namespace, plan: AdapterPlan) -> PeftConfig:
     return LoKrConfig(decompose_both=args.decompose_both, decompose_factor=args.lokr_factor, **lycoris)
 
 
-def text_encoder_plan(text_encoder: torch.nn.Module, args: argparse.Namespace) -> AdapterPlan:
-    """The text encoder's attention projections, at the flags' rank and alpha."""
-    suffixes = tuple("." + name for name in TEXT_ENCODER_ATTENTION_PROJECTIONS)
-    return {
-        path: ModuleAdapter(args.rank, args.lora_alpha)
-        for path, module in text_encoder.named_modules()
-        if isinstance(module, torch.nn.Linear) and path.endswith(suffixes)
-    }
-
-
 def add_adapters(parts, args: argparse.Namespace) -> AdapterPlan:
     """Attach the trainable adapters (UNet; text encoders with --train_text_encoder); return the UNet's plan."""
     plan = unet_adapter_plan(parts.unet, args)
     parts.unet.add_adapter(peft_config(args, plan))
     if args.train_text_encoder:
+        # The text encoders' attention projections, by name: PEFT matches them in either transformers layout
+        # (with or without the `text_model.` level), so the files load in either.
+        attention = {name: ModuleAdapter(args.rank, args.lora_alpha) for name in TEXT_ENCODER_ATTENTION_PROJECTIONS}
         for encoder in (parts.text_encoder, parts.text_encoder_2):
-            encoder.add_adapter(peft_config(args, text_encoder_plan(encoder, args)))
+            encoder.add_adapter(peft_config(args, attention))
     return plan
 
 
