@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, broadcast_object_list
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, broadcast_object_list
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from tqdm.auto import tqdm
 
@@ -122,8 +122,12 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
     output_dir = Path(args.output_dir)
     report_to = {"none": None, "all": "all"}.get(args.report_to, args.report_to)
     project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir))
+    # LyCORIS' module dropout skips whole adapters in a step: DDP must be told that parameters may go unused.
+    ddp = [DistributedDataParallelKwargs(find_unused_parameters=True)] if args.module_dropout else []
     # Gradient accumulation is explicit in the loop below, so accelerate is told 1.
-    return Accelerator(mixed_precision=args.mixed_precision, log_with=report_to, project_config=project)
+    return Accelerator(
+        mixed_precision=args.mixed_precision, log_with=report_to, project_config=project, kwargs_handlers=ddp
+    )
 
 
 def resolve_seed(args: argparse.Namespace, accelerator: Accelerator, checkpoint: Path | None) -> int:

@@ -25,7 +25,7 @@ def torchrun(output_dir: Path, model: Path, images: Path, *extra: str) -> subpro
         *("--instance_prompt", "a photo of TOK toy", "--output_dir", str(output_dir), "--resolution", "64"),
         *("--train_batch_size", "1", "--gradient_accumulation_steps", "2", "--max_train_steps", "4"),
         *("--checkpointing_steps", "2", "--seed", "0", "--report_to", "none", "--lr_warmup_steps", "0"),
-        *("--train_text_encoder_ti", "--text_encoder_lr", "1e-2", "--lora_dropout", "0.1"),
+        *("--train_text_encoder_ti", "--text_encoder_lr", "1e-2"),
         *extra,
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
@@ -40,6 +40,8 @@ def test_two_processes_train_and_resume_exactly(tiny_model, demo_images, tmp_pat
         full,
         tiny_model,
         demo_images,
+        "--lora_dropout",
+        "0.1",
         "--validation_prompt",
         "TOK",
         "--validation_steps",
@@ -55,7 +57,26 @@ def test_two_processes_train_and_resume_exactly(tiny_model, demo_images, tmp_pat
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
-    torchrun(resumed, tiny_model, demo_images, "--resume_from_checkpoint", "latest")
+    torchrun(resumed, tiny_model, demo_images, "--lora_dropout", "0.1", "--resume_from_checkpoint", "latest")
     for a, b in [("pytorch_lora_weights.safetensors",) * 2, ("full_emb.safetensors", "resumed_emb.safetensors")]:
         left, right = load_file(full / a), load_file(resumed / b)
         assert left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left), a
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_resume_loha_with_block_learning_rates(tiny_model, demo_images, tmp_path):
+    """LoHa with Tucker convolutions, module dropout and per-block learning-rate groups under DDP."""
+    flags = ("--adapter", "loha", "--conv_rank", "2", "--use_effective_conv2d", "--module_dropout", "0.1")
+    flags += ("--unet_block_lr", "mid=0.5,up=2")
+    full = tmp_path / "full"
+    torchrun(full, tiny_model, demo_images, *flags)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
+    torchrun(resumed, tiny_model, demo_images, *flags, "--resume_from_checkpoint", "latest")
+    for name in ("pytorch_lora_weights.safetensors", "{}.safetensors"):  # diffusers file, kohya file
+        left, right = load_file(full / name.format("full")), load_file(resumed / name.format("resumed"))
+        # the kohya file bundles the embeddings under the run's name
+        right = {key.replace(".resumed.", ".full."): value for key, value in right.items()}
+        assert left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left), name
+    assert any(key.endswith(".hada_t1") for key in left), "Tucker form of the convolutions"
