@@ -242,9 +242,11 @@ def outputs(models, prompt: str = "a photo of TOK toy") -> tuple[torch.Tensor, .
         )
 
 
-def assert_outputs_equal(actual: tuple[torch.Tensor, ...], expected: tuple[torch.Tensor, ...]) -> None:
+def assert_outputs_equal(
+    actual: tuple[torch.Tensor, ...], expected: tuple[torch.Tensor, ...], atol: float = 1e-6
+) -> None:
     for a, e in zip(actual, expected, strict=True):
-        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=atol)
 
 
 def test_kohya_file_loads_in_diffusers_like_the_diffusers_file(run_training, tiny_model, demo_images, tmp_path):
@@ -348,7 +350,8 @@ def test_load_for_diffusers_is_exact_for_dora_and_per_module_alpha(dora_pipeline
     expected = outputs(dora_pipeline)
     kohya = fresh_pipeline(tiny_model)
     load_for_diffusers(kohya, save_kohya_lora(tmp_path, models, "dora", "base"))
-    assert_outputs_equal(outputs(kohya), expected)
+    # The file's ComfyUI-form magnitudes m ⊙ ‖W‖ / ‖W + ΔW‖ are rounded to float32 once (1 ulp).
+    assert_outputs_equal(outputs(kohya), expected, atol=1e-5)
 
     encoders = {part: models[part] for part in ("text_encoder", "text_encoder_2")}
     diffusers = fresh_pipeline(tiny_model)

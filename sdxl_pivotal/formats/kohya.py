@@ -176,23 +176,26 @@ def comfyui_dora(
         if "dora_scale" not in tensors:
             continue
         part, path = index[module]
-        weight = _base_weight(models[part], path).double()  # float64: the inverse gives m back to the bit
+        weight = _base_weight(models[part], path)
         if weight.is_meta:
             raise InputError(
                 "This DoRA file's magnitudes are in ComfyUI's form, which depends on the base model's weights; "
                 "convert the run's pytorch_lora_weights.safetensors (PEFT's magnitudes) instead."
             )
-        delta = lora_product(tensors).double().reshape(weight.shape)
-        ratio = _row_norms(weight) / _row_norms(weight + delta)
+        # On the CPU in float64, wherever the model and the file are: the round trip is exact to float32 rounding.
+        weight = weight.to("cpu", torch.float64)
+        ratio = _row_norms(weight) / _row_norms(weight + lora_product(tensors).reshape(weight.shape))
         dora_scale = tensors["dora_scale"]
-        scaled = dora_scale.double() / ratio if inverse else dora_scale.double() * ratio
-        converted[f"{module}.dora_scale"] = scaled.to(dora_scale.dtype)
+        magnitude = dora_scale.to("cpu", torch.float64)
+        scaled = magnitude / ratio if inverse else magnitude * ratio
+        converted[f"{module}.dora_scale"] = scaled.to(dora_scale.device, dora_scale.dtype)
     return converted
 
 
 def lora_product(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """ΔW = up @ down x alpha / rank of one kohya LoRA module, flattened to [out, in x kernel]."""
-    down, up = tensors["lora_down.weight"].float(), tensors["lora_up.weight"].float()
+    """ΔW = up @ down x alpha / rank of one kohya LoRA module, flattened to [out, in x kernel], in float64 on
+    the CPU."""
+    down, up = (tensors[key].to("cpu", torch.float64) for key in ("lora_down.weight", "lora_up.weight"))
     rank = down.shape[0]
     alpha = float(tensors["alpha"]) if "alpha" in tensors else rank
     return (up.flatten(1) @ down.flatten(1)) * (alpha / rank)
