@@ -31,6 +31,7 @@ def load_sdxl(args: argparse.Namespace) -> SDXLParts:
 
     source = dict(revision=args.revision, cache_dir=args.cache_dir)
     path = args.pretrained_model_name_or_path
+    noise_scheduler = load_noise_scheduler(args, source)  # first: its checks fail before any weights load
     tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", use_fast=False, **source)
     tokenizer_2 = AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", use_fast=False, **source)
     weights = dict(variant=args.variant, use_safetensors=True, **source)
@@ -41,7 +42,6 @@ def load_sdxl(args: argparse.Namespace) -> SDXLParts:
     else:
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **weights)
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights)
-    noise_scheduler = load_noise_scheduler(args, source)
     for model in (text_encoder, text_encoder_2, vae, unet):
         model.requires_grad_(False)
     return SDXLParts(tokenizer, tokenizer_2, text_encoder, text_encoder_2, vae, unet, noise_scheduler)

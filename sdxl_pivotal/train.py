@@ -83,8 +83,9 @@ def batch_loss(
     if edm:
         # EDM forward process: x_sigma = x_0 + sigma * noise, scaled by c_in(sigma) for the UNet.
         timesteps, sigmas = sample_edm_noise_levels(scheduler, len(latents), generator, device)
-        noisy_latents = latents + sigmas.to(latents.dtype) * noise
-        unet_input = edm_unet_input(scheduler, noisy_latents, sigmas.to(latents.dtype))
+        sigmas = sigmas.to(latents.dtype)
+        noisy_latents = latents + sigmas * noise
+        unet_input = edm_unet_input(scheduler, noisy_latents, sigmas)
     else:
         # Forward diffusion: x_t = sqrt(alpha_bar_t) * x_0 + sqrt(1 - alpha_bar_t) * noise.
         timesteps = sample_timesteps(len(latents), scheduler.config.num_train_timesteps, generator, device)

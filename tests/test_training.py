@@ -265,7 +265,7 @@ def test_edm_style_training_lowers_its_loss_and_resumes_exactly(run_training, ti
     assert_same_tensors(lora_file(tmp_path / "resumed"), lora_file(uninterrupted))
 
 
-def test_a_model_with_an_edm_scheduler_trains_edm_style(run_training, tiny_model, demo_images, tmp_path):
+def test_a_model_with_an_edm_scheduler_trains_edm_style(run_training, tiny_model, demo_images, tmp_path, monkeypatch):
     """As the reference: a model whose scheduler is an EDM one (Playground v2.5) trains EDM-style and validates
     with an EDM sampler; --snr_gamma is refused for it."""
     import shutil
@@ -288,5 +288,12 @@ def test_a_model_with_an_edm_scheduler_trains_edm_style(run_training, tiny_model
     )
     assert (out / "pytorch_lora_weights.safetensors").is_file()
     assert list((out / "validation").rglob("*.png"))
+    import diffusers
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the flag check must come before any weights load")
+
+    monkeypatch.setattr(diffusers.UNet2DConditionModel, "from_pretrained", no_weights)
+    monkeypatch.setattr(diffusers.AutoencoderKL, "from_pretrained", no_weights)
     with pytest.raises(InputError, match="has an EDM scheduler"):
         load_sdxl(base_args(model, demo_images, tmp_path / "y", "--snr_gamma", "5"))

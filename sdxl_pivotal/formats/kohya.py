@@ -91,9 +91,10 @@ def kohya_state_metadata(
 ) -> dict[str, str]:
     """The file's safetensors metadata (strings only) for a kohya state: kohya's `ss_*` keys (the most common
     rank and alpha, of the linear layers and of the convolutions), the SAI model spec, and ours."""
+    modules = kohya_modules(state)
     linear, conv = Counter(), Counter()
     families, dora = set(), False
-    for tensors in kohya_modules(state).values():
+    for tensors in modules.values():
         family = family_of(tensors)
         _, rank, alpha = family.from_kohya(tensors)
         is_conv = any(value.dim() == 4 and value.shape[-1] > 1 for value in tensors.values())
@@ -118,7 +119,7 @@ def kohya_state_metadata(
         "ss_network_args": json.dumps(network_args),
         "ss_output_name": name,
         "ss_sd_model_name": base_model,
-        "ss_network_train_unet_only": str(all(m.startswith(KOHYA_PREFIXES["unet"]) for m in kohya_modules(state))),
+        "ss_network_train_unet_only": str(all(m.startswith(KOHYA_PREFIXES["unet"]) for m in modules)),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
