@@ -1,24 +1,28 @@
-"""Generate an image with a trained LoRA, loaded the way a diffusers user loads it.
+"""Generate an image with a trained LoRA, loaded by the trainer's one loader (`load_for_diffusers`: any file of a
+run, every adapter family, the pivotal-tuning embeddings).
 
     python examples/generate.py --model stabilityai/stable-diffusion-xl-base-1.0 --lora OUTPUT_DIR \
-        --prompt "a photo of TOK dog" --output sample.png
+        --prompt "a photo of <s0><s1> dog" --output sample.png
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionXLPipeline
-from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's package, installed or not
+from sdxl_pivotal.formats import load_for_diffusers
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="base SDXL pipeline (Hub id or folder)")
-    parser.add_argument("--lora", required=True, help="training output folder (with pytorch_lora_weights.safetensors)")
-    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--lora", required=True, help="training output folder, a checkpoint, or one of their files")
+    parser.add_argument("--prompt", required=True, help="with the new tokens themselves, e.g. <s0><s1>")
     parser.add_argument("--output", default="sample.png")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--resolution", type=int, default=None, help="default: the UNet's native size")
@@ -27,18 +31,11 @@ def main() -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
-    pipe = StableDiffusionXLPipeline.from_pretrained(args.model, dtype=dtype).to(device)
-    pipe.load_lora_weights(args.lora)
-    # Pivotal tuning: the new tokens <s0>, <s1>, ... and their embeddings for both text encoders.
-    for embeddings in Path(args.lora).glob("*_emb.safetensors"):
-        state = load_file(embeddings)
-        tokens = [f"<s{i}>" for i in range(len(state["clip_l"]))]
-        pipe.load_textual_inversion(
-            state["clip_l"], token=tokens, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
-        )
-        pipe.load_textual_inversion(
-            state["clip_g"], token=tokens, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
-        )
+    pipe = StableDiffusionXLPipeline.from_pretrained(args.model, dtype=dtype)
+    tokens = load_for_diffusers(pipe, args.lora)
+    if tokens:
+        print(f"new tokens: {' '.join(tokens)}")
+    pipe.to(device)
     size = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     image = pipe(
         args.prompt,

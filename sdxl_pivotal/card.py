@@ -36,36 +36,45 @@ SETTINGS = (
 
 
 def diffusers_code(args: argparse.Namespace, tokens: PivotalTokens | None, repo_id: str | None = None) -> str:
-    """Copy-paste inference code for diffusers, with the run's actual file names and token strings: from
-    the Hub repo when the run was pushed, else from the output folder."""
-    where = repo_id or output_name(args.output_dir)
-    emb_name = embeddings_file_name(args.output_dir)
+    """Copy-paste inference code for diffusers, with the run's actual file names and token strings, from the Hub
+    repo when the run was pushed, else from the output folder: the recipe of `load_for_diffusers` for this run's
+    files, as diffusers' own calls where they do exactly what it does, else that loader itself."""
+    from .formats.load import diffusers_reads_exactly
+
     prompt = tokens.substitute(args.instance_prompt) if tokens else args.instance_prompt
     clip_skip = f", clip_skip={args.clip_skip}" if args.clip_skip is not None else ""
-    lora = args.adapter == "lora"
-    lines = ["import torch", "from diffusers import StableDiffusionXLPipeline"]
-    if repo_id and (tokens or not lora):
-        lines.append("from huggingface_hub import hf_hub_download")
-    if not lora:
-        lines += ["from peft import PeftConfig, inject_adapter_in_model, set_peft_model_state_dict", "import json"]
-        lines.append("from safetensors import safe_open")
-    if tokens or not lora:
-        lines.append("from safetensors.torch import load_file")
-    lines += [
+    exact = diffusers_reads_exactly(Path(args.output_dir) / LORA_WEIGHTS_NAME)
+    loading = diffusers_loading_code(args, tokens, repo_id) if exact else our_loading_code(args, tokens, repo_id)
+    imports, body = loading
+    lines = [
+        "import torch",
+        "from diffusers import StableDiffusionXLPipeline",
+        *imports,
         "",
         "pipe = StableDiffusionXLPipeline.from_pretrained(",
         f'    "{args.pretrained_model_name_or_path}", dtype=torch.float16',
         ').to("cuda")',
+        *body,
+        f'image = pipe("{prompt}"{clip_skip}).images[0]',
     ]
-    if lora:
-        lines.append(f'pipe.load_lora_weights("{where}", weight_name="{LORA_WEIGHTS_NAME}")')
-    else:
-        lines += peft_loading_code(
-            f'hf_hub_download("{repo_id}", "{LORA_WEIGHTS_NAME}")' if repo_id else f'"{where}/{LORA_WEIGHTS_NAME}"'
-        )
+    return "\n".join(lines)
+
+
+def diffusers_loading_code(
+    args: argparse.Namespace, tokens: PivotalTokens | None, repo_id: str | None
+) -> tuple[list[str], list[str]]:
+    """(imports, lines) loading a LoRA file that diffusers reads exactly: `load_lora_weights`, then the new tokens'
+    embeddings with `load_textual_inversion` for each encoder, as `load_for_diffusers` loads them."""
+    where = repo_id or output_name(args.output_dir)
+    imports = []
+    body = [f'pipe.load_lora_weights("{where}", weight_name="{LORA_WEIGHTS_NAME}")']
     if tokens:
+        emb_name = embeddings_file_name(args.output_dir)
+        if repo_id:
+            imports.append("from huggingface_hub import hf_hub_download")
+        imports.append("from safetensors.torch import load_file")
         token_list = ", ".join(f'"{t}"' for t in tokens.all_tokens)
-        lines += [
+        body += [
             "# the new tokens' embeddings, one row per token, for each text encoder",
             f'state = load_file(hf_hub_download("{repo_id}", "{emb_name}"))'
             if repo_id
@@ -76,27 +85,32 @@ def diffusers_code(args: argparse.Namespace, tokens: PivotalTokens | None, repo_
             'pipe.load_textual_inversion(state["clip_g"], token=tokens, '
             "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)",
         ]
-    lines.append(f'image = pipe("{prompt}"{clip_skip}).images[0]')
-    return "\n".join(lines)
+    return imports, body
 
 
-def peft_loading_code(path_expression: str) -> list[str]:
-    """LoHa / LoKr, which diffusers' `load_lora_weights` does not read: each part's PEFT config (in the file's
-    metadata) and tensors, injected with PEFT."""
-    return [
-        "# LoHa / LoKr: diffusers' load_lora_weights reads LoRA only; PEFT loads each part with its config",
-        f"path = {path_expression}",
-        'with safe_open(path, "pt") as file:',
-        '    configs = json.loads(file.metadata()["lora_adapter_metadata"])',
-        "state = load_file(path)",
-        'for part in ("unet", "text_encoder", "text_encoder_2"):',
-        '    own = {k.removeprefix(part + "."): v for k, v in state.items() if k.startswith(part + ".")}',
-        "    if own:",
-        '        config = {k.removeprefix(part + "."): v for k, v in configs.items() if k.startswith(part + ".")}',
-        "        model = getattr(pipe, part)",
-        "        inject_adapter_in_model(PeftConfig.from_peft_type(**config), model)",
-        "        set_peft_model_state_dict(model, {k: v.to(model.dtype) for k, v in own.items()})",
-    ]
+def our_loading_code(
+    args: argparse.Namespace, tokens: PivotalTokens | None, repo_id: str | None
+) -> tuple[list[str], list[str]]:
+    """(imports, lines) loading the run's files with `load_for_diffusers`, for files diffusers alone does not load
+    exactly (LoHa, LoKr; DoRA in the text encoders)."""
+    reason = (
+        "diffusers' load_lora_weights reads no LoHa or LoKr"
+        if args.adapter != "lora"
+        else "diffusers' load_lora_weights drops the text encoders' DoRA magnitudes"
+    )
+    files = [LORA_WEIGHTS_NAME] + ([embeddings_file_name(args.output_dir)] if tokens else [])
+    imports = [f"from sdxl_pivotal.formats import load_for_diffusers  # this trainer's loader: {reason}"]
+    if repo_id:
+        imports.insert(0, "from huggingface_hub import snapshot_download")
+        where = "folder"
+        patterns = ", ".join(f'"{file}"' for file in files)
+        body = [f'folder = snapshot_download("{repo_id}", allow_patterns=[{patterns}])']
+    else:
+        where, body = f'"{output_name(args.output_dir)}"', []
+    token_list = ", ".join(f'"{t}"' for t in tokens.all_tokens) if tokens else ""
+    returned = f"  # also the new tokens' embeddings: tokens = [{token_list}]" if tokens else ""
+    body.append(f"tokens = load_for_diffusers(pipe, {where}){returned}")
+    return imports, body
 
 
 def ui_instructions(args: argparse.Namespace, tokens: PivotalTokens | None) -> str:

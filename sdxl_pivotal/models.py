@@ -81,6 +81,17 @@ def trained_models(parts: SDXLParts, args: argparse.Namespace) -> dict[str, torc
     return models
 
 
+def check_mixed_precision(accelerator) -> None:
+    """Refuse fp16 on a CPU before anything loads: accelerate neither autocasts nor scales the loss there, so
+    the frozen weights would run in bare float16 (slow on CPUs, gradients unscaled) and the VAE decode of the
+    first validation image fails on mixed dtypes."""
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise InputError(
+            "--mixed_precision fp16 needs a GPU (accelerate has no float16 autocast or loss scaling on a CPU); "
+            "on a CPU use --mixed_precision bf16 or no."
+        )
+
+
 def place_models(parts: SDXLParts, device: torch.device, weight_dtype: torch.dtype, vae_fp32: bool) -> None:
     """Frozen weights in the training dtype on the device; the trainable LoRA weights stay float32.
 

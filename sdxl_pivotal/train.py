@@ -37,7 +37,7 @@ from .losses import (
     sample_timesteps,
     training_target,
 )
-from .models import SDXLParts, load_sdxl, place_models, trained_models
+from .models import SDXLParts, check_mixed_precision, load_sdxl, place_models, trained_models
 from .optim import create_lr_scheduler, create_optimizer, parameter_groups, trainable_parameters
 from .prompts import PromptEncoder
 from .tokens import PivotalTokens, add_new_tokens, embeddings_state
@@ -126,9 +126,11 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
     # LyCORIS' module dropout skips whole adapters in a step: DDP must be told that parameters may go unused.
     ddp = [DistributedDataParallelKwargs(find_unused_parameters=True)] if args.module_dropout else []
     # Gradient accumulation is explicit in the loop below, so accelerate is told 1.
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=args.mixed_precision, log_with=report_to, project_config=project, kwargs_handlers=ddp
     )
+    check_mixed_precision(accelerator)
+    return accelerator
 
 
 def resolve_seed(args: argparse.Namespace, accelerator: Accelerator, checkpoint: Path | None) -> int:

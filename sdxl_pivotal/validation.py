@@ -1,5 +1,6 @@
 """Validation images: generated with the current LoRA and embeddings during training, and once more at the
-end from the saved files, loaded the way a user loads them. Saved as PNG and logged to the trackers.
+end from the saved files, loaded with `load_for_diffusers` (the loader the model card and examples use), with the
+sampler of the training validation. Saved as PNG and logged to the trackers.
 
 Validation never changes the training trajectory: it uses its own generator, runs in eval mode without
 gradients, and every training step reseeds its own randomness (see `train.step_generator`).
@@ -33,11 +34,8 @@ def is_validation_step(args: argparse.Namespace, done: int, steps_per_epoch: int
 
 def sdxl_pipeline(parts, unet: torch.nn.Module, text_encoders: list[torch.nn.Module]):
     """A StableDiffusionXLPipeline around the training modules (no copy, no loading)."""
-    from diffusers import EDMEulerScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionXLPipeline
 
-    from .losses import is_edm_scheduler
-
-    scheduler_class = EDMEulerScheduler if is_edm_scheduler(parts.noise_scheduler) else EulerDiscreteScheduler
     pipeline = StableDiffusionXLPipeline(
         vae=parts.vae,
         text_encoder=text_encoders[0],
@@ -45,10 +43,21 @@ def sdxl_pipeline(parts, unet: torch.nn.Module, text_encoders: list[torch.nn.Mod
         tokenizer=parts.tokenizer,
         tokenizer_2=parts.tokenizer_2,
         unet=unet,
-        scheduler=scheduler_class.from_config(parts.noise_scheduler.config),
+        scheduler=sampling_scheduler(parts.noise_scheduler),
     )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def sampling_scheduler(noise_scheduler):
+    """The validation sampler for the training scheduler: Euler (EDM Euler for an EDM model), with the
+    training scheduler's config (its prediction type included)."""
+    from diffusers import EDMEulerScheduler, EulerDiscreteScheduler
+
+    from .losses import is_edm_scheduler
+
+    scheduler_class = EDMEulerScheduler if is_edm_scheduler(noise_scheduler) else EulerDiscreteScheduler
+    return scheduler_class.from_config(noise_scheduler.config)
 
 
 def generate(pipeline, args: argparse.Namespace, prompt: str, seed: int, autocast=contextlib.nullcontext) -> list:
@@ -104,40 +113,29 @@ def publish(accelerator, images: list, folder: Path, prompt: str, step: int, tag
 
 
 def load_final_pipeline(args: argparse.Namespace, output_dir: Path, device, dtype: torch.dtype):
-    """The base pipeline with the run's saved LoRA and embeddings, loaded as the model card tells users."""
-    from diffusers import StableDiffusionXLPipeline
-    from safetensors.torch import load_file
+    """The base pipeline with the run's saved LoRA and embeddings, loaded by `load_for_diffusers` (as the model
+    card tells users), with the dtypes and the sampler of the validation during training."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
-    from .export import LORA_WEIGHTS_NAME, embeddings_file_name
-    from .tokens import PivotalTokens
+    from .formats.load import load_for_diffusers
+    from .models import load_noise_scheduler
 
+    source = dict(revision=args.revision, cache_dir=args.cache_dir)
     pipeline = StableDiffusionXLPipeline.from_pretrained(
-        args.pretrained_model_name_or_path,
-        revision=args.revision,
-        variant=args.variant,
-        cache_dir=args.cache_dir,
-        dtype=dtype,
-        use_safetensors=True,
+        args.pretrained_model_name_or_path, variant=args.variant, dtype=dtype, use_safetensors=True, **source
     )
     if args.pretrained_vae_model_name_or_path:
-        from diffusers import AutoencoderKL
-
         pipeline.vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, dtype=dtype)
-    pipeline.load_lora_weights(output_dir, weight_name=LORA_WEIGHTS_NAME)
-    if args.train_text_encoder_ti:
-        state = load_file(output_dir / embeddings_file_name(output_dir))
-        tokens = PivotalTokens.from_flags(args.token_abstraction, args.num_new_tokens_per_abstraction).all_tokens
-        pipeline.load_textual_inversion(
-            state["clip_l"], token=tokens, text_encoder=pipeline.text_encoder, tokenizer=pipeline.tokenizer
-        )
-        pipeline.load_textual_inversion(
-            state["clip_g"], token=tokens, text_encoder=pipeline.text_encoder_2, tokenizer=pipeline.tokenizer_2
-        )
+    else:
+        pipeline.vae.to(torch.float32)  # SDXL's own VAE overflows in float16; training keeps it in float32 too
+    pipeline.scheduler = sampling_scheduler(load_noise_scheduler(args, source))
+    load_for_diffusers(pipeline, output_dir)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
 
 
 def final_validation(accelerator, args, output_dir: Path, prompt: str, seed: int, step: int, dtype) -> list[Path]:
+    """Images of `prompt` from the saved files, as `validate_during_training` makes them from the live modules."""
     pipeline = load_final_pipeline(args, output_dir, accelerator.device, dtype)
-    images = generate(pipeline, args, prompt, seed)
+    images = generate(pipeline, args, prompt, seed, accelerator.autocast)
     return publish(accelerator, images, output_dir / "validation" / "final", prompt, step, "final")

@@ -6,6 +6,11 @@ Its keys are `<part>.<module path>.<tensor>`, where diffusers' `save_lora_weight
 renaming with diffusers' own converters, as its loaders do; a file without configs gets diffusers' convention
 (alpha = rank, per module). Writing goes through `save_lora_weights`, as the trainer's export does, with PEFT's
 tensor names.
+
+The first text encoder's keys are written as every published SDXL LoRA writes them, under `text_model.`
+(`text_encoder.text_model.encoder.layers.0...`), whichever transformers layout is installed (transformers 5's
+`CLIPTextModel` has no `text_model` level); `load.py` maps them onto the installed layout. Metadata is written in
+a fixed order, so the same adapters give the same bytes.
 """
 
 from __future__ import annotations
@@ -16,12 +21,14 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, PeftConfig
 
 from ..export import LORA_WEIGHTS_NAME, atomic_path
 from .families import PeftLora, live_peft, peft_modules
+from .names import canonical_clip_path, layout_free_clip_pattern
 
 DIFFUSERS_PARTS = ("unet", "text_encoder", "text_encoder_2")
+TEXT_ENCODER_PARTS = ("text_encoder", "text_encoder_2")
 
 
 def is_diffusers_lora(state: Mapping[str, torch.Tensor]) -> bool:
@@ -98,9 +105,30 @@ def save_diffusers_peft(path: Path, loras: Mapping[str, PeftLora]) -> Path:
     """
     from diffusers import StableDiffusionXLPipeline
 
-    layers = {f"{part}_lora_layers": dict(lora.state) for part, lora in loras.items()}
-    metadata = {f"{part}_lora_adapter_metadata": lora.config.to_dict() for part, lora in loras.items()}
+    layers = {f"{part}_lora_layers": file_state(part, lora.state) for part, lora in loras.items()}
+    metadata = {f"{part}_lora_adapter_metadata": config_metadata(part, lora.config) for part, lora in loras.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as temporary:
         StableDiffusionXLPipeline.save_lora_weights(temporary.parent, **layers, **metadata, weight_name=temporary.name)
     return path
+
+
+def file_state(part: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A part's PEFT tensors under the file's names: a text encoder's under `text_model.`."""
+    if part not in TEXT_ENCODER_PARTS:
+        return dict(state)
+    return {canonical_clip_path(key): value for key, value in state.items()}
+
+
+def config_metadata(part: str, config: PeftConfig) -> dict:
+    """A part's PEFT config as plain, ordered values: sets (PEFT's `target_modules`, whose order changes from
+    run to run) as sorted lists and, for a text encoder, module paths that match either transformers layout."""
+    entries = {key: sorted(value) if isinstance(value, set) else value for key, value in config.to_dict().items()}
+    if part not in TEXT_ENCODER_PARTS:
+        return entries
+    for key in ("target_modules", "exclude_modules"):
+        if isinstance(entries.get(key), list):
+            entries[key] = sorted(layout_free_clip_pattern(name) for name in entries[key])
+    for key in ("rank_pattern", "alpha_pattern"):
+        entries[key] = {layout_free_clip_pattern(name): value for name, value in (entries.get(key) or {}).items()}
+    return entries

@@ -5,6 +5,11 @@ file's DoRA magnitudes (`dora_scale`) and per-module alphas, and, with transform
 DoRA magnitudes of any file at their initial values; it reads no LoHa or LoKr. Here every file becomes PEFT state
 with its exact config (a kohya file through `kohya_to_peft`); LoRA goes to diffusers' per-model loaders, LoHa and
 LoKr to PEFT; embeddings (bundled, or an `_emb` file) go through `load_textual_inversion` for both encoders.
+Text-encoder module paths of either transformers layout (with or without `text_model.`) are mapped onto the
+installed one.
+
+This is the one loader of our outputs: final validation, `examples/generate.py` and the model card's code use it
+(where diffusers' own `load_lora_weights` does exactly the same, `diffusers_reads_exactly`, the card prints that).
 """
 
 from __future__ import annotations
@@ -19,10 +24,10 @@ from safetensors.torch import load_file
 
 from ..export import LORA_WEIGHTS_NAME
 from ..tokens import EMBEDDING_KEYS, PivotalTokens
-from .diffusers_lora import diffusers_to_peft
+from .diffusers_lora import TEXT_ENCODER_PARTS, config_metadata, diffusers_lora_metadata, diffusers_to_peft
 from .families import PeftLora
 from .kohya import TOKENS_METADATA_KEY, kohya_to_peft, split_bundled_embeddings
-from .names import KOHYA_PREFIXES
+from .names import KOHYA_PREFIXES, clip_path_in
 
 TEXT_ENCODERS = {"clip_l": ("text_encoder", "tokenizer"), "clip_g": ("text_encoder_2", "tokenizer_2")}
 
@@ -72,6 +77,22 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     return load_file(path), metadata
 
 
+def diffusers_reads_exactly(path: Path) -> bool:
+    """Whether diffusers' `load_lora_weights` gives our diffusers LoRA file at `path` the weights
+    `load_for_diffusers` gives it: LoRA (with or without DoRA) in every part, but no DoRA in a text encoder
+    (transformers 5's `load_adapter` leaves those magnitudes at their initial values); not LoHa or LoKr, which
+    diffusers does not read."""
+    with safe_open(str(path), framework="pt") as file:
+        configs = diffusers_lora_metadata(file.metadata() or {}) or {}
+    for key, value in configs.items():
+        part, field = key.split(".", 1)
+        if field == "peft_type" and value != "LORA":
+            return False
+        if field == "use_dora" and value and part in TEXT_ENCODER_PARTS:
+            return False
+    return True
+
+
 def load_adapters(pipe, loras: Mapping[str, PeftLora], adapter_name: str | None) -> None:
     """Load PEFT adapters ({part: PeftLora}) into `pipe`: LoRA through diffusers' loaders, as `load_lora_weights`
     does (so `set_adapters` and `fuse_lora` know it); LoHa and LoKr, which diffusers' loaders do not read, with
@@ -84,6 +105,7 @@ def load_adapters(pipe, loras: Mapping[str, PeftLora], adapter_name: str | None)
 
     for part, lora in loras.items():
         model = getattr(pipe, part)
+        lora = in_model_layout(part, lora, model)
         if lora.config.peft_type.value != "LORA":
             name = adapter_name or "default"
             inject_adapter_in_model(lora.config, model, adapter_name=name)
@@ -93,13 +115,24 @@ def load_adapters(pipe, loras: Mapping[str, PeftLora], adapter_name: str | None)
         common = dict(
             network_alphas=None,
             adapter_name=adapter_name,
-            metadata={f"{part}.{key}": value for key, value in lora.config.to_dict().items()},
+            metadata={f"{part}.{key}": value for key, value in config_metadata(part, lora.config).items()},
             _pipeline=pipe,
         )
         if part == "unet":
             pipe.load_lora_into_unet(state, unet=model, **common)
         else:
             pipe.load_lora_into_text_encoder(state, text_encoder=model, prefix=part, **common)
+
+
+def in_model_layout(part: str, lora: PeftLora, model: torch.nn.Module) -> PeftLora:
+    """The adapter of the pipeline's `part` with its text-encoder module paths as `model` names them (a file may
+    use either transformers layout) and a config that matches either."""
+    from peft import PeftConfig
+
+    if part not in TEXT_ENCODER_PARTS:
+        return lora
+    state = {clip_path_in(model, key): value for key, value in lora.state.items()}
+    return PeftLora(state, PeftConfig.from_peft_type(**config_metadata(part, lora.config)))
 
 
 def _magnitude_key(key: str) -> str:

@@ -114,11 +114,26 @@ def sai_unet_path(path: str, table: Mapping[str, str]) -> str | None:
 
 
 def canonical_clip_path(path: str) -> str:
-    """A CLIP text-encoder path under `text_model.`, as kohya writes it whatever the transformers version
-    (transformers 5's `CLIPTextModel` has no `text_model` level; `CLIPTextModelWithProjection` has)."""
-    if path.startswith("text_model.") or path == "text_projection":
+    """A CLIP text-encoder path under `text_model.`, as kohya, diffusers' SDXL files and published LoRAs write it
+    whatever the transformers version (transformers 5's `CLIPTextModel` has no `text_model` level;
+    `CLIPTextModelWithProjection` has)."""
+    if path.startswith("text_model.") or path.split(".", 1)[0] == "text_projection":
         return path
     return f"text_model.{path}"
+
+
+def clip_path_in(model: torch.nn.Module, path: str) -> str:
+    """A CLIP text-encoder path (either layout) as `model` names it: under `text_model.` if the model has that
+    level, else without it."""
+    if hasattr(model, "text_model"):
+        return canonical_clip_path(path)
+    return path.removeprefix("text_model.")
+
+
+def layout_free_clip_pattern(pattern: str) -> str:
+    """A PEFT config entry (a module name or path, a `rank_pattern` key) that matches the same CLIP module in
+    either layout: PEFT matches entries as path suffixes, so a path without `text_model.` matches both."""
+    return pattern.removeprefix("text_model.")
 
 
 def canonical_module_path(part: str, path: str) -> str:
