@@ -132,7 +132,7 @@ def test_files_load_back_into_peft(family, file_format, tiny_model, demo_images,
         path = save_diffusers_lora(tmp_path, models)
         with safe_open(str(path), framework="pt") as file:
             metadata = file.metadata()
-        loras = diffusers_to_peft(load_file(path), metadata)
+        loras = diffusers_to_peft(load_file(path), metadata, fresh)
     assert set(loras) == set(PARTS)
     for part, lora in loras.items():
         assert type(lora.config) is type(models[part].peft_config["default"])

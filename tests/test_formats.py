@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig
+from peft import LoHaConfig, LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from peft_layers import adapter_layers
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from sdxl_pivotal.adapters import (
     TEXT_ENCODER_ATTENTION_PROJECTIONS,
@@ -414,3 +414,112 @@ def test_metadata_records_tokens_and_dora(dora_pipeline, tmp_path):
     assert metadata["ss_training_comment"].endswith("write <s0><s1> <s2><s3> in the prompt.")
     assert metadata["ss_network_module"] == "lycoris.kohya"
     assert json.loads(metadata["ss_network_args"])["dora_wd"] == "True"
+
+
+def with_text_model_level(pipe):
+    """`pipe` with its first text encoder in the other transformers layout than the installed one's: under a
+    `text_model.` level (transformers 4's `CLIPTextModel`; here a `CLIPTextModelWithProjection` with CLIP-L's
+    weights, whose last hidden states are CLIP-L's)."""
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextModelWithProjection
+
+    encoder = pipe.text_encoder
+    assert not hasattr(encoder, "text_model"), "the installed transformers names CLIP-L without `text_model.`"
+    other = CLIPTextModelWithProjection(encoder.config)
+    missing, unexpected = other.load_state_dict(
+        {f"text_model.{key}": value for key, value in encoder.state_dict().items()}, strict=False
+    )
+    assert missing == ["text_projection.weight"] and not unexpected
+    return StableDiffusionXLPipeline(**(pipe.components | {"text_encoder": other}))
+
+
+TEXT_ENCODER_ADAPTERS = {
+    "lora": LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    "dora": LoraConfig(
+        r=4,
+        target_modules=["q_proj", "v_proj"],
+        rank_pattern={"encoder.layers.0.self_attn.q_proj": 2},
+        alpha_pattern={"encoder.layers.1.self_attn.v_proj": 3.0},
+        use_dora=True,
+        init_lora_weights=False,
+    ),
+    "loha": LoHaConfig(
+        r=4,
+        target_modules=[f"encoder.layers.{i}.self_attn.k_proj" for i in range(2)],
+        alpha=2.0,
+        init_weights=False,
+    ),
+}
+
+
+@pytest.mark.parametrize("family", TEXT_ENCODER_ADAPTERS)
+def test_text_encoder_keys_are_canonical_and_load_in_either_layout(tiny_model, tmp_path, family):
+    """The first text encoder's keys are `text_encoder.text_model.encoder...` whatever transformers is installed, as in
+    published SDXL LoRAs and the second encoder's keys; files of either layout load into encoders of either layout."""
+    prompt = "a photo of TOK toy"
+    installed = fresh_pipeline(tiny_model)
+    torch.manual_seed(0)
+    installed.text_encoder.add_adapter(TEXT_ENCODER_ADAPTERS[family])
+    with torch.no_grad():
+        for name, parameter in installed.text_encoder.named_parameters():
+            if "lora_magnitude_vector" in name:
+                parameter.mul_(torch.rand_like(parameter) + 0.5)
+    expected = outputs(installed, prompt)[1]
+    assert not torch.allclose(expected, outputs(fresh_pipeline(tiny_model), prompt)[1], atol=1e-4)
+
+    written = save_diffusers_lora(tmp_path / "installed", {"text_encoder": installed.text_encoder})
+    keys = list(load_file(written))
+    assert keys and all(key.startswith("text_encoder.text_model.encoder.layers.") for key in keys)
+    # As this trainer wrote it before: the installed layout's names.
+    legacy = tmp_path / "legacy.safetensors"
+    with safe_open(str(written), framework="pt") as file:
+        metadata = file.metadata()
+    legacy_state = {key.replace(".text_model.", ".", 1): value for key, value in load_file(written).items()}
+    save_file(legacy_state, legacy, metadata)
+    # Written from an encoder of the other layout.
+    other = with_text_model_level(fresh_pipeline(tiny_model))
+    load_for_diffusers(other, written, adapter_name="default")
+    other_written = save_diffusers_lora(tmp_path / "other", {"text_encoder": other.text_encoder})
+    assert load_file(other_written).keys() == load_file(written).keys()
+
+    for file in (written, legacy, other_written):
+        for layout in (fresh_pipeline, lambda model: with_text_model_level(fresh_pipeline(model))):
+            pipe = layout(tiny_model)
+            load_for_diffusers(pipe, file)
+            torch.testing.assert_close(outputs(pipe, prompt)[1], expected, rtol=1e-5, atol=1e-6)
+    if family == "lora":  # diffusers' own loader reads the canonical names too, as it reads published LoRAs
+        pipe = fresh_pipeline(tiny_model)
+        pipe.load_lora_weights(str(written))
+        torch.testing.assert_close(outputs(pipe, prompt)[1], expected, rtol=1e-5, atol=1e-6)
+
+
+def saved_files(folder: Path) -> dict[str, bytes]:
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+@pytest.mark.slow
+def test_the_same_run_writes_the_same_bytes(tiny_model, demo_images, tmp_path):
+    """Two identical runs, in processes with different string hashing (PEFT keeps `target_modules` as a set, whose
+    order follows the hashes), write byte-identical LoRA files, kohya file, model card and checkpoint."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    runs = {}
+    for hash_seed in ("1", "2"):
+        out = tmp_path / hash_seed / "tok-toy"
+        argv = [
+            *("--pretrained_model_name_or_path", str(tiny_model), "--instance_data_dir", str(demo_images)),
+            *("--instance_prompt", "a photo of TOK toy", "--output_dir", str(out), "--resolution", "64"),
+            *("--train_batch_size", "2", "--max_train_steps", "1", "--checkpointing_steps", "1", "--seed", "0"),
+            *("--train_text_encoder", "--lora_target", "attn_ff", "--report_to", "none"),
+        ]
+        env = os.environ | {"PYTHONHASHSEED": hash_seed, "OMP_NUM_THREADS": "1"}
+        script = str(root / "train_dreambooth_lora_sdxl_advanced.py")
+        subprocess.run([sys.executable, script, *argv], env=env, cwd=root, check=True, capture_output=True)
+        runs[hash_seed] = saved_files(out)
+    assert {"pytorch_lora_weights.safetensors", "tok-toy.safetensors", "README.md"} <= runs["1"].keys()
+    assert runs["1"].keys() == runs["2"].keys()
+    for name, content in runs["1"].items():
+        assert content == runs["2"][name], name

@@ -53,6 +53,41 @@ def test_validation_images_saved_logged_and_reproduced_from_files(run_training, 
     assert np.abs(different_seed - np.asarray(Image.open(out / "validation" / "step-4" / "0.png"))).mean() > 0
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [("--use_dora", "--train_text_encoder"), ("--adapter", "loha"), ("--adapter", "lokr", *TI)],
+    ids=["dora-text-encoders", "loha", "lokr-pivotal"],
+)
+def test_final_images_are_the_trained_model(run_training, tmp_path, flags):
+    """The final images come from the saved files through `load_for_diffusers`: every adapter family loads (LoHa and
+    LoKr used to stop the run with diffusers' "Invalid LoRA checkpoint"), and at the same seed they are the images
+    of the trained modules at the last step, pixel for pixel (text-encoder DoRA magnitudes included)."""
+    validation = (*VALIDATION[:-1], "1")  # images after steps 1 and 2
+    out = run_training(tmp_path / "run", "--max_train_steps", "2", "--learning_rate", "1e-2", *flags, *validation)
+    for i in range(2):
+        live = np.asarray(Image.open(out / "validation" / "step-2" / f"{i}.png"))
+        final = np.asarray(Image.open(out / "validation" / "final" / f"{i}.png"))
+        earlier = np.asarray(Image.open(out / "validation" / "step-1" / f"{i}.png"))
+        assert not np.array_equal(live, earlier), "the last step changed the images"
+        np.testing.assert_array_equal(final, live)
+    assert (out / "README.md").is_file()
+
+
+def test_fp16_on_a_cpu_is_refused_before_any_model_loads(run_training, tmp_path, monkeypatch):
+    """accelerate neither autocasts nor scales the loss in fp16 on a CPU; the run used to train and then fail in the
+    first validation's VAE decode."""
+    from sdxl_pivotal import train as train_module
+    from sdxl_pivotal.errors import InputError
+
+    def no_models(*_):
+        raise AssertionError("models loaded before the mixed precision was checked")
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    monkeypatch.setattr(train_module, "load_sdxl", no_models)
+    with pytest.raises(InputError, match=r"fp16 needs a GPU.*bf16 or no"):
+        run_training(tmp_path / "run", "--mixed_precision", "fp16", "--max_train_steps", "1", *VALIDATION)
+
+
 def test_validation_does_not_change_training(run_training, tmp_path):
     flags = ("--max_train_steps", "4", "--lora_dropout", "0.1", *TI)
     plain = run_training(tmp_path / "plain", *flags)

@@ -25,7 +25,7 @@ from peft import LoraConfig, PeftConfig
 
 from ..export import LORA_WEIGHTS_NAME, atomic_path
 from .families import PeftLora, live_peft, peft_modules
-from .names import canonical_clip_path, layout_free_clip_pattern
+from .names import canonical_clip_path, clip_path_in, layout_free_clip_pattern
 
 DIFFUSERS_PARTS = ("unet", "text_encoder", "text_encoder_2")
 TEXT_ENCODER_PARTS = ("text_encoder", "text_encoder_2")
@@ -43,16 +43,31 @@ def diffusers_lora_metadata(metadata: Mapping[str, str]) -> dict | None:
     return json.loads(metadata[LORA_ADAPTER_METADATA_KEY]) if LORA_ADAPTER_METADATA_KEY in metadata else None
 
 
-def diffusers_to_peft(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> dict[str, PeftLora]:
-    """A diffusers LoRA file's tensors and metadata as PEFT LoRAs, by part."""
+def diffusers_to_peft(
+    state: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    models: Mapping[str, torch.nn.Module] | None = None,
+) -> dict[str, PeftLora]:
+    """A diffusers LoRA file's tensors and metadata as PEFT LoRAs, by part. With `models` ({part: model}), the text
+    encoders' module paths are those of each model's transformers layout; without, the file's (`text_model.`)."""
     configs = diffusers_lora_metadata(metadata)
     loras = {}
     for part in DIFFUSERS_PARTS:
         own = _part_entries(state, part)
         if own:
             peft_state = _peft_keys(part, own)
-            loras[part] = PeftLora(peft_state, _peft_config(peft_state, _part_entries(configs, part)))
+            lora = PeftLora(peft_state, _peft_config(peft_state, _part_entries(configs, part)))
+            loras[part] = in_layout_of(models[part], part, lora) if models and part in models else lora
     return loras
+
+
+def in_layout_of(model: torch.nn.Module, part: str, lora: PeftLora) -> PeftLora:
+    """The adapter of the pipeline's `part` with text-encoder module paths as `model` names them (a file may use
+    either transformers layout) and a config that matches either."""
+    if part not in TEXT_ENCODER_PARTS:
+        return lora
+    state = {clip_path_in(model, key): value for key, value in lora.state.items()}
+    return PeftLora(state, PeftConfig.from_peft_type(**config_metadata(part, lora.config)))
 
 
 def _part_entries(entries: Mapping | None, part: str) -> dict:

@@ -27,7 +27,7 @@ from ..tokens import EMBEDDING_KEYS, PivotalTokens
 from .diffusers_lora import TEXT_ENCODER_PARTS, config_metadata, diffusers_lora_metadata, diffusers_to_peft
 from .families import PeftLora
 from .kohya import TOKENS_METADATA_KEY, kohya_to_peft, split_bundled_embeddings
-from .names import KOHYA_PREFIXES, clip_path_in
+from .names import KOHYA_PREFIXES
 
 TEXT_ENCODERS = {"clip_l": ("text_encoder", "tokenizer"), "clip_g": ("text_encoder_2", "tokenizer_2")}
 
@@ -53,7 +53,7 @@ def load_for_diffusers(pipe, folder_or_file: str | Path, adapter_name: str | Non
     if file_format == "kohya":
         loras = kohya_to_peft(lora, {part: getattr(pipe, part) for part in KOHYA_PREFIXES}, metadata)
     else:
-        loras = diffusers_to_peft(lora, metadata)
+        loras = diffusers_to_peft(lora, metadata, {part: getattr(pipe, part) for part in KOHYA_PREFIXES})
     load_adapters(pipe, loras, adapter_name)
     tokens = []
     for embeddings in bundles.values():
@@ -105,7 +105,6 @@ def load_adapters(pipe, loras: Mapping[str, PeftLora], adapter_name: str | None)
 
     for part, lora in loras.items():
         model = getattr(pipe, part)
-        lora = in_model_layout(part, lora, model)
         if lora.config.peft_type.value != "LORA":
             name = adapter_name or "default"
             inject_adapter_in_model(lora.config, model, adapter_name=name)
@@ -122,17 +121,6 @@ def load_adapters(pipe, loras: Mapping[str, PeftLora], adapter_name: str | None)
             pipe.load_lora_into_unet(state, unet=model, **common)
         else:
             pipe.load_lora_into_text_encoder(state, text_encoder=model, prefix=part, **common)
-
-
-def in_model_layout(part: str, lora: PeftLora, model: torch.nn.Module) -> PeftLora:
-    """The adapter of the pipeline's `part` with its text-encoder module paths as `model` names them (a file may
-    use either transformers layout) and a config that matches either."""
-    from peft import PeftConfig
-
-    if part not in TEXT_ENCODER_PARTS:
-        return lora
-    state = {clip_path_in(model, key): value for key, value in lora.state.items()}
-    return PeftLora(state, PeftConfig.from_peft_type(**config_metadata(part, lora.config)))
 
 
 def _magnitude_key(key: str) -> str:
