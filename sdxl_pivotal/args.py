@@ -8,8 +8,10 @@ so a bad command line fails in a second with a message that names the problem an
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -33,6 +35,17 @@ BLOCK_ALIASES = {"down": "down_blocks", "mid": "mid_block", "up": "up_blocks"}
 INTERPOLATION_MODES = ("nearest", "nearest_exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
 # Markers of an earlier run's results; a folder holding one is not reused without resume or overwrite.
 OUTPUT_MARKERS = ("pytorch_lora_weights.safetensors",)
+# A negative number, including the exponent forms (-1e-4) that argparse would take for a flag.
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+# Optional packages: (module, the flags that need it, how to get it).
+OPTIONAL_PACKAGES = {
+    "bitsandbytes": ("--use_8bit_adam", "pip install bitsandbytes (it needs a CUDA GPU), or drop --use_8bit_adam"),
+    "prodigyopt": ("--optimizer prodigy", "pip install prodigyopt, or use --optimizer adamw"),
+    "xformers": (
+        "--enable_xformers_memory_efficient_attention",
+        "pip install xformers, or drop the flag (PyTorch's own attention is memory-efficient too)",
+    ),
+}
 
 
 def str_to_bool(value: str | bool) -> bool:
@@ -220,6 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
         True,
         "(ours) with pivotal tuning, bundle the embeddings into the kohya file (A1111 bundle_emb)",
     )
+    _add_bool(
+        g,
+        "--output_kohya_format",
+        True,
+        "(from diffusers' plain SDXL LoRA script) the kohya file for AUTOMATIC1111 / ComfyUI is always written",
+    )
     g.add_argument("--checkpointing_steps", type=int, default=500, help="save the training state every N steps")
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep at most N checkpoints")
     g.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint folder, or "latest"')
@@ -244,8 +263,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def join_negative_values(argv: list[str]) -> list[str]:
+    """`["--learning_rate", "-1e-4"]` -> `["--learning_rate=-1e-4"]`: argparse reads "-1e-4" as an unknown
+    flag, so a negative value in exponent form reaches the flag's own check only when joined to it."""
+    joined: list[str] = []
+    for token in argv:
+        if joined and NEGATIVE_NUMBER.match(token) and joined[-1].startswith("--") and "=" not in joined[-1]:
+            joined[-1] = f"{joined[-1]}={token}"
+        else:
+            joined.append(token)
+    return joined
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(join_negative_values(sys.argv[1:] if argv is None else argv))
     env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
     if env_local_rank != -1 and env_local_rank != args.local_rank:
         args.local_rank = env_local_rank
@@ -281,6 +312,10 @@ def validate_args(args: argparse.Namespace) -> None:
     _validate_output_dir(args)
     validate_prior_flags(args)
 
+    if args.resume_from_checkpoint and args.overwrite_output_dir:
+        raise InputError(
+            "--resume_from_checkpoint continues the earlier run and --overwrite_output_dir replaces it: pass one."
+        )
     if args.hub_token and args.report_to in ("wandb", "all"):
         raise InputError(
             "--hub_token with --report_to wandb would expose the token (wandb records the command line). "
@@ -333,8 +368,17 @@ def validate_args(args: argparse.Namespace) -> None:
         raise InputError(f"--caption_dropout must be in [0, 1), got {args.caption_dropout}.")
     if args.dataloader_num_workers < 0:
         raise InputError(f"--dataloader_num_workers must be 0 or more, got {args.dataloader_num_workers}.")
+    if args.learning_rate <= 0:
+        raise InputError(
+            f"--learning_rate must be positive (1e-4 is usual; about 1.0 for Prodigy), got {args.learning_rate}."
+        )
+    if args.text_encoder_lr < 0:
+        raise InputError(f"--text_encoder_lr must be 0 or more (5e-6 is the default), got {args.text_encoder_lr}.")
     _validate_adapter_flags(args)
+    _validate_packages(args)
 
+    if not args.output_kohya_format:
+        warnings.warn("--output_kohya_format False has no effect: the kohya file is always written.", stacklevel=2)
     if args.optimizer == "prodigy" and args.use_8bit_adam:
         warnings.warn("--use_8bit_adam has no effect with --optimizer prodigy.", stacklevel=2)
     if args.optimizer == "prodigy" and args.learning_rate <= 0.1:
@@ -345,6 +389,19 @@ def validate_args(args: argparse.Namespace) -> None:
         )
     if not args.with_prior_preservation and (args.class_data_dir or args.class_prompt):
         warnings.warn("--class_data_dir/--class_prompt are ignored without --with_prior_preservation.", stacklevel=2)
+
+
+def _validate_packages(args: argparse.Namespace) -> None:
+    """The optional packages the flags need are installed (looked up, not imported: that takes seconds)."""
+    needed = {
+        "bitsandbytes": args.use_8bit_adam and args.optimizer != "prodigy",
+        "prodigyopt": args.optimizer == "prodigy",
+        "xformers": args.enable_xformers_memory_efficient_attention,
+    }
+    for module, wanted in needed.items():
+        if wanted and importlib.util.find_spec(module) is None:
+            flag, fix = OPTIONAL_PACKAGES[module]
+            raise InputError(f"{flag} needs the {module} package, which is not installed: {fix}.")
 
 
 def _validate_adapter_flags(args: argparse.Namespace) -> None:

@@ -7,7 +7,9 @@ A checkpoint holds
 - `optimizer.safetensors`: the optimizer's tensors (moments, Prodigy's estimates, ...);
 - `training_state.json`: the step, the seed, the optimizer's and schedulers' plain values. Written last.
 Everything is written into a temporary folder that is renamed to `checkpoint-N` only when complete, so a
-crash mid-write never leaves a checkpoint that `--resume_from_checkpoint latest` would pick up.
+crash mid-write never leaves a checkpoint that `--resume_from_checkpoint latest` would pick up; a write that
+fails (a full disk) leaves the earlier checkpoints as they were. Before anything loads, the checkpoint to
+resume from is checked file by file: "latest" falls back to the newest one that is whole.
 Only safetensors and JSON are read back: no pickle.
 """
 
@@ -24,8 +26,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import InputError
-from .export import atomic_folder
+from .errors import InputError, WriteError
+from .export import LORA_WEIGHTS_NAME, TEMPORARY_PATTERN, atomic_folder, embeddings_file_name, output_name
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +35,8 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "training_state.json"
 PARAMS_FILE = "trainable_state.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
+# What a checkpoint holds besides its state (the user-facing files): safetensors only.
+CHECKPOINT_SUFFIXES = (".safetensors", ".json")
 
 
 @dataclass
@@ -53,16 +57,52 @@ def complete_checkpoints(output_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why `checkpoint` cannot be resumed from (a file missing, truncated or unreadable), or None if it can.
+    Reads the state file and every safetensors header (which fails on a truncated file), not the tensors."""
+    from safetensors import SafetensorError, safe_open
+
+    state_path = checkpoint / STATE_FILE
+    if not state_path.is_file():
+        return f"it has no {STATE_FILE} (written last, so the checkpoint is unfinished)"
+    try:
+        state = json.loads(state_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return f"{state_path} is unreadable ({error})"
+    missing = [key for key in ("step", "seed", "optimizer", "lr_scheduler") if key not in state]
+    if missing:
+        return f"{state_path} lacks {', '.join(missing)}"
+    for name in (PARAMS_FILE, OPTIMIZER_FILE):
+        if not (checkpoint / name).is_file():
+            return f"{checkpoint / name} is missing"
+    for path in sorted(checkpoint.glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except (OSError, SafetensorError) as error:
+            return f"{path} is damaged or truncated ({error})"
+    return None
+
+
 def resolve_checkpoint(output_dir: Path, spec: str) -> Path | None:
-    """The folder `--resume_from_checkpoint` names: a path, a name inside `output_dir`, or "latest"."""
+    """The checkpoint `--resume_from_checkpoint` names (a path, a name inside `output_dir`, or "latest"),
+    checked before anything loads. "latest": the newest whole one, saying which were skipped and why."""
     if spec == "latest":
-        found = complete_checkpoints(output_dir)
-        return found[-1] if found else None
+        for candidate in reversed(complete_checkpoints(output_dir)):
+            problem = checkpoint_problem(candidate)
+            if problem is None:
+                return candidate
+            logger.warning("Skipping checkpoint %s: %s.", candidate, problem)
+        return None
     path = Path(spec)
     if not path.exists():
         path = output_dir / spec
-    if not (path / STATE_FILE).is_file():
-        raise InputError(f"{path} is not a complete checkpoint (no {STATE_FILE}); pick another or start afresh.")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise InputError(
+            f"Cannot resume from {path}: {problem}. Pass another checkpoint (or latest, the newest whole one), "
+            "or start afresh."
+        )
     return path
 
 
@@ -112,6 +152,24 @@ def save_checkpoint(
     `write_outputs(folder)` writes the user-facing files (LoRA, embeddings) as for the final output.
     """
     target = output_dir / f"checkpoint-{step}"
+    try:
+        _write_checkpoint(target, step, seed, models, optimizer, lr_scheduler, write_outputs, grad_scaler)
+    except WriteError as error:
+        earlier = complete_checkpoints(output_dir)
+        intact = f"{earlier[-1].name} is intact" if earlier else "there is no earlier checkpoint"
+        raise WriteError(
+            f"{error} {target.name} was not saved; {intact}. Once fixed, rerun with --resume_from_checkpoint latest."
+        ) from error
+    if total_limit is not None:
+        for old in complete_checkpoints(output_dir)[:-total_limit]:
+            logger.info("Removing %s (--checkpoints_total_limit %d)", old, total_limit)
+            shutil.rmtree(old)
+    return target
+
+
+def _write_checkpoint(
+    target: Path, step: int, seed: int, models, optimizer, lr_scheduler, write_outputs, grad_scaler
+) -> None:
     with atomic_folder(target) as staging:
         write_outputs(staging)
         params = _trainable_named_parameters(models)
@@ -126,11 +184,6 @@ def save_checkpoint(
             "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None else None,
         }
         (staging / STATE_FILE).write_text(json.dumps(state, indent=1))
-    if total_limit is not None:
-        for old in complete_checkpoints(output_dir)[:-total_limit]:
-            logger.info("Removing %s (--checkpoints_total_limit %d)", old, total_limit)
-            shutil.rmtree(old)
-    return target
 
 
 def read_resume_point(checkpoint: Path) -> ResumePoint:
@@ -164,9 +217,35 @@ def load_checkpoint(
     return ResumePoint(step=state["step"], seed=state["seed"])
 
 
-def remove_partial_checkpoints(output_dir: Path) -> None:
-    """Delete staging folders left by a run that crashed while writing a checkpoint."""
-    if output_dir.is_dir():
-        for leftover in output_dir.glob(".checkpoint-*.partial-*"):
-            logger.warning("Removing unfinished checkpoint %s from an interrupted run.", leftover)
-            shutil.rmtree(leftover, ignore_errors=True)
+def remove_earlier_run(output_dir: Path) -> None:
+    """--overwrite_output_dir: delete what an earlier run wrote in `output_dir` (its checkpoints, final LoRA,
+    embeddings, kohya file and validation images), so that nothing of it is resumed or mistaken for this run's.
+    Only files of ours are deleted; a checkpoint or validation folder holding anything else is refused, named.
+    The model card (README.md) and tracker logs stay; the card is rewritten at the end."""
+    from .formats.kohya import kohya_file_name  # formats/kohya.py imports this module
+
+    if not output_dir.is_dir():
+        return
+    folders = [p for p in output_dir.iterdir() if CHECKPOINT_PATTERN.match(p.name) and p.is_dir()]
+    validation = output_dir / "validation"
+    if validation.is_dir():
+        folders += [p for p in validation.iterdir() if p.is_dir() and re.fullmatch(r"step-\d+|final", p.name)]
+    for folder in folders:
+        suffixes = (".png",) if folder.parent == validation else CHECKPOINT_SUFFIXES
+        foreign = [
+            p.name
+            for p in folder.iterdir()
+            if not (p.is_file() and p.suffix in suffixes) and not TEMPORARY_PATTERN.match(p.name)
+        ]
+        if foreign:
+            raise InputError(
+                f"--overwrite_output_dir: {folder} holds files this trainer does not write ({', '.join(foreign[:3])})."
+                " Move them out, or choose another --output_dir."
+            )
+    for folder in folders:
+        logger.info("--overwrite_output_dir: removing %s of an earlier run.", folder)
+        shutil.rmtree(folder)
+    for file_name in (LORA_WEIGHTS_NAME, kohya_file_name(output_name(output_dir)), embeddings_file_name(output_dir)):
+        if (output_dir / file_name).is_file():
+            logger.info("--overwrite_output_dir: removing %s of an earlier run.", output_dir / file_name)
+            (output_dir / file_name).unlink()

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -131,19 +130,6 @@ def generate_batch(
     return output.images
 
 
-def save_png_atomically(image: Image.Image, path: Path) -> None:
-    """Write `image` as PNG to a hidden temporary file beside `path`, then rename it to `path`."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        with open(temporary, "wb") as handle:
-            image.save(handle, format="PNG")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def generate_class_images(
     class_dir: Path,
     prompt: str,
@@ -160,6 +146,8 @@ def generate_class_images(
     """
     from tqdm.auto import tqdm
 
+    from .export import save_image
+
     paths = [[class_dir / class_image_name(prompt, i) for i in batch] for batch in batches]
     missing = sum(not path.exists() for batch_paths in paths for path in batch_paths)
     pipeline = pipeline_factory()
@@ -169,7 +157,7 @@ def generate_class_images(
             images = generate_batch(pipeline, prompt, batch, seed, resolution, num_inference_steps)
             for image, path in zip(images, batch_paths, strict=True):
                 if not path.exists():
-                    save_png_atomically(image, path)
+                    save_image(image, path)  # atomically: a crash never leaves half a file
                     bar.update(1)
 
 

@@ -19,12 +19,20 @@ from tqdm.auto import tqdm
 
 from .adapters import AdapterPlan, add_adapters, unet_parameters_by_lr_scale
 from .card import create_hub_repo, upload_to_hub, write_model_card
-from .checkpoints import load_checkpoint, remove_partial_checkpoints, resolve_checkpoint, save_checkpoint
-from .class_images import ensure_class_images, generation_dtype, load_generation_pipeline
+from .checkpoints import load_checkpoint, remove_earlier_run, resolve_checkpoint, save_checkpoint
+from .class_images import ensure_class_images, generation_dtype, list_images, load_generation_pipeline
 from .data import Batch, DreamBoothDataset, ImageRecord, StepPlan, iterate_steps, load_records, open_image
-from .export import embeddings_file_name, output_name, save_safetensors
+from .export import (
+    check_writable,
+    embeddings_file_name,
+    final_output_set,
+    output_name,
+    remove_temporaries,
+    save_safetensors,
+)
 from .formats import save_diffusers_lora, save_kohya_lora
 from .latents import build_latent_cache, scale_latents
+from .launch import check_launch_environment, check_process_group
 from .losses import (
     diffusion_loss,
     edm_denoised,
@@ -37,7 +45,7 @@ from .losses import (
     sample_timesteps,
     training_target,
 )
-from .models import SDXLParts, check_mixed_precision, load_sdxl, place_models, trained_models
+from .models import SDXLParts, check_mixed_precision, check_model_source, load_sdxl, place_models, trained_models
 from .optim import create_lr_scheduler, create_optimizer, parameter_groups, trainable_parameters
 from .prompts import PromptEncoder
 from .tokens import PivotalTokens, add_new_tokens, embeddings_state
@@ -170,6 +178,32 @@ def text_training_stop(args: argparse.Namespace, total_steps: int) -> int:
     return 0
 
 
+def prepare_folders(args: argparse.Namespace, accelerator: Accelerator) -> None:
+    """Before anything loads: every folder the run writes is writable; the temporaries of killed runs are
+    removed (a final output they had completed is moved in); --overwrite_output_dir removes the earlier run."""
+    output_dir = Path(args.output_dir)
+    folders = {"--output_dir": output_dir}
+    if args.report_to != "none":
+        folders["--logging_dir"] = output_dir / args.logging_dir
+    class_dir = Path(args.class_data_dir) if args.with_prior_preservation else None
+    if class_dir is not None and (not class_dir.is_dir() or len(list_images(class_dir)) < args.num_class_images):
+        folders["--class_data_dir"] = class_dir  # a folder that holds enough class images is only read
+    if args.cache_latents and args.latents_cache_dir:
+        folders["--latents_cache_dir"] = Path(args.latents_cache_dir)
+    for flag, folder in folders.items():
+        check_writable(folder, flag)
+    if accelerator.is_main_process:
+        validation = output_dir / "validation"
+        subfolders = sorted(p for p in validation.iterdir() if p.is_dir()) if validation.is_dir() else []
+        for folder in [output_dir, validation, *subfolders, *(f for f in [class_dir] if f is not None)]:
+            remove_temporaries(folder)
+        if args.cache_latents and args.latents_cache_dir:
+            remove_temporaries(Path(args.latents_cache_dir))
+        if args.overwrite_output_dir:
+            remove_earlier_run(output_dir)
+    accelerator.wait_for_everyone()
+
+
 def output_writer(output_dir: Path, models: dict[str, torch.nn.Module], tokens: PivotalTokens | None, args):
     """A function writing the run's user-facing files into a folder (the output folder or a checkpoint):
     the diffusers LoRA, the embeddings (pivotal tuning) and the kohya file for AUTOMATIC1111 / ComfyUI."""
@@ -259,8 +293,11 @@ def build_models(
 def train(args: argparse.Namespace) -> Path:
     """Run the training `args` describe; return the output folder."""
     output_dir = Path(args.output_dir)
+    check_launch_environment()
     accelerator = make_accelerator(args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    check_process_group(accelerator)
+    prepare_folders(args, accelerator)
     checkpoint = resolve_checkpoint(output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
     if args.resume_from_checkpoint == "latest" and checkpoint is None:
         logger.info("No checkpoint in %s; starting a new run.", output_dir)
@@ -275,6 +312,7 @@ def train(args: argparse.Namespace) -> Path:
         tokens.warn_if_unused([record.caption for record in records])
         records = [replace(record, caption=tokens.substitute(record.caption)) for record in records]
         logger.info("Pivotal tuning: %s", tokens.by_abstraction)
+    check_model_source(args)  # a missing part or an unreachable Hub id fails now, before anything loads
     class_records = load_class_records(args, accelerator, seed, tokens) if args.with_prior_preservation else None
     dataset = DreamBoothDataset(records, args, seed, class_records)
     validation_prompt = args.validation_prompt
@@ -324,7 +362,6 @@ def train(args: argparse.Namespace) -> Path:
         start_step = load_checkpoint(checkpoint, models, optimizer, lr_scheduler, accelerator.scaler).step
         logger.info("Resumed from %s at step %d.", checkpoint, start_step)
     if accelerator.is_main_process:
-        remove_partial_checkpoints(output_dir)
         accelerator.init_trackers("dreambooth-lora-sd-xl", config=tracker_config(args))
 
     logger.info(
@@ -390,14 +427,17 @@ def train(args: argparse.Namespace) -> Path:
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_outputs(output_dir)
+        # Written as one set: a kill leaves it complete, or recognisably incomplete (no LoRA file).
+        with final_output_set(output_dir) as staging:
+            write_outputs(staging)
+            images = []
+            if validation_prompt:
+                images = final_validation(
+                    accelerator, args, staging, validation_prompt, seed, total_steps, weight_dtype
+                )
+            images = [output_dir / image.relative_to(staging) for image in images]  # where they are moved to
+            write_model_card(staging, args, tokens, images, repo_id)
         logger.info("Saved the LoRA%s to %s", " and embeddings" if tokens else "", output_dir)
-        images = []
-        if validation_prompt:
-            images = final_validation(
-                accelerator, args, output_dir, validation_prompt, seed, total_steps, weight_dtype
-            )
-        write_model_card(output_dir, args, tokens, images, repo_id)
         if repo_id:
             upload_to_hub(output_dir, args, repo_id)
             logger.info("Uploaded %s to https://huggingface.co/%s", output_dir, repo_id)

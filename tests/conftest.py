@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,19 @@ def run_training(tiny_model, demo_images):
             GradientState._reset_state()
 
     return run
+
+
+@pytest.fixture
+def read_only_folder(tmp_path) -> Path:
+    """A folder nobody may write in: its permissions for a user; for root (who ignores permissions) the
+    immutable attribute."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i", str(folder)], check=True)
+    else:
+        folder.chmod(0o555)
+    yield folder
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+    folder.chmod(0o755)

@@ -3,6 +3,7 @@ contradictory input fails with a clear message before any model (or, for flags, 
 
 from __future__ import annotations
 
+import importlib.machinery
 import os
 import subprocess
 import sys
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from sdxl_pivotal.args import build_parser, parse_args
+from sdxl_pivotal.args import OPTIONAL_PACKAGES, build_parser, parse_args
+from sdxl_pivotal.errors import InputError
 from sdxl_pivotal.tiny import write_demo_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -199,9 +201,72 @@ def test_output_dir_with_unrelated_files_is_accepted(argv, tmp_path):
     assert parse_args(argv).output_dir == str(out)
 
 
+def test_resume_and_overwrite_exclude_each_other(argv, tmp_path):
+    with pytest.raises(InputError, match="pass one"):
+        parse_args([*argv, "--resume_from_checkpoint", "latest", "--overwrite_output_dir"])
+
+
 def test_resume_from_a_missing_checkpoint(argv):
     with pytest.raises(ValueError, match="checkpoint-7: no such checkpoint folder"):
         parse_args([*argv, "--resume_from_checkpoint", "checkpoint-7"])
+
+
+def pretend_installed(monkeypatch: pytest.MonkeyPatch, module: str) -> None:
+    """Make `importlib.util.find_spec(module)` find `module` (an optional package this machine may lack)."""
+    fake = type(sys)(module)
+    fake.__spec__ = importlib.machinery.ModuleSpec(module, None)
+    monkeypatch.setitem(sys.modules, module, fake)
+
+
+@pytest.mark.parametrize(
+    ("flags", "module"),
+    [
+        (("--use_8bit_adam",), "bitsandbytes"),
+        (("--optimizer", "prodigy", "--learning_rate", "1.0"), "prodigyopt"),
+        (("--enable_xformers_memory_efficient_attention",), "xformers"),
+    ],
+)
+def test_a_flag_whose_package_is_missing(argv, monkeypatch, flags, module):
+    monkeypatch.setitem(sys.modules, module, None)  # not installed, whatever this machine has
+    with pytest.raises(InputError, match=f"{OPTIONAL_PACKAGES[module][0]} needs the {module} package") as error:
+        parse_args([*argv, *flags])
+    assert f"pip install {module}" in str(error.value)
+    pretend_installed(monkeypatch, module)
+    parse_args([*argv, *flags])
+
+
+def test_8bit_adam_is_not_needed_with_prodigy(argv, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    pretend_installed(monkeypatch, "prodigyopt")
+    with pytest.warns(UserWarning, match="no effect with --optimizer prodigy"):
+        parse_args([*argv, "--optimizer", "prodigy", "--learning_rate", "1", "--use_8bit_adam"])
+
+
+@pytest.mark.parametrize("value", ["-1e-4", "-0.0001", "-1E-4", "0"])
+def test_learning_rate_must_be_positive(argv, value):
+    with pytest.raises(InputError, match=f"--learning_rate must be positive .*got {float(value)}"):
+        parse_args([*argv, "--learning_rate", value])
+
+
+def test_negative_text_encoder_learning_rate(argv):
+    with pytest.raises(InputError, match="--text_encoder_lr must be 0 or more"):
+        parse_args([*argv, "--text_encoder_lr", "-5e-6"])
+
+
+@pytest.mark.parametrize(("value", "expected"), [("-1e-1", -0.1), ("-2", -2.0), ("-.5", -0.5), ("-3.5E+0", -3.5)])
+def test_negative_numbers_in_any_form_are_values(argv, value, expected):
+    assert parse_args([*argv, "--lr_power", value]).lr_power == expected
+
+
+@pytest.mark.parametrize("flags", [("--output_kohya_format",), ("--output_kohya_format", "True")])
+def test_output_kohya_format_of_the_plain_script_is_accepted(argv, flags):
+    """diffusers' plain SDXL LoRA script documents it; the kohya file is written anyway."""
+    assert parse_args([*argv, *flags]).output_kohya_format is True
+
+
+def test_output_kohya_format_false_warns(argv):
+    with pytest.warns(UserWarning, match="the kohya file is always written"):
+        parse_args([*argv, "--output_kohya_format", "False"])
 
 
 def test_edm_style_training_and_snr_gamma_exclude_each_other(argv):
@@ -306,7 +371,10 @@ def test_reference_list_is_complete():
 
 
 @pytest.mark.parametrize(("flag", "default"), reference_flags(), ids=[flag for flag, _ in reference_flags()])
-def test_reference_flag_is_accepted(argv, tmp_path, image_dir, flag, default):
+def test_reference_flag_is_accepted(argv, tmp_path, image_dir, monkeypatch, flag, default):
+    for module, (needing_flag, _) in OPTIONAL_PACKAGES.items():
+        if needing_flag.split()[0] == flag:
+            pretend_installed(monkeypatch, module)  # the package's absence is tested above
     parser = build_parser()
     # Exact option, not an abbreviation argparse would silently accept for a longer one.
     assert flag in parser._option_string_actions, f"{flag} is not a flag of ours"
@@ -374,6 +442,11 @@ def test_cli_contradictory_flags(argv, tmp_path):
     result, seconds = run_cli(*argv, "--do_edm_style_training", "--snr_gamma", "5")
     assert_clean_failure(result, seconds, "Drop one of --snr_gamma and --do_edm_style_training")
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_negative_learning_rate_in_exponent_form(argv):
+    result, seconds = run_cli(*argv, "--learning_rate", "-1e-4")
+    assert_clean_failure(result, seconds, "--learning_rate must be positive")
 
 
 def test_cli_corrupt_image(argv, image_dir):

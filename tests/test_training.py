@@ -4,19 +4,23 @@ LoRA files that diffusers loads with the trained behaviour."""
 from __future__ import annotations
 
 import json
+import logging
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from sdxl_pivotal import checkpoints as checkpoints_module
 from sdxl_pivotal import train as train_module
 from sdxl_pivotal.adapters import add_adapters
 from sdxl_pivotal.args import parse_args
-from sdxl_pivotal.checkpoints import PARAMS_FILE, complete_checkpoints
+from sdxl_pivotal.checkpoints import OPTIMIZER_FILE, PARAMS_FILE, checkpoint_problem, complete_checkpoints
 from sdxl_pivotal.data import DreamBoothDataset, collate, load_records
-from sdxl_pivotal.errors import InputError
+from sdxl_pivotal.errors import InputError, WriteError
+from sdxl_pivotal.export import LORA_WEIGHTS_NAME
 from sdxl_pivotal.models import SDXLParts, load_sdxl
 from sdxl_pivotal.prompts import PromptEncoder
 from sdxl_pivotal.train import batch_loss
@@ -144,6 +148,124 @@ def test_crash_while_writing_checkpoint_leaves_none(run_training, tmp_path, monk
     # A half-written folder (e.g. from a killed process) is never chosen by "latest".
     (tmp_path / "run" / "checkpoint-9").mkdir()
     assert complete_checkpoints(tmp_path / "run") == []
+
+
+def hidden(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def no_models(*args, **kwargs):
+    raise AssertionError("the models were loaded before the check")
+
+
+def test_a_full_disk_while_checkpointing_is_one_clear_error(run_training, tmp_path, monkeypatch):
+    """safetensors reports a full disk as a Rust error; the user gets the file, the reason and what is intact."""
+    real_save_file = checkpoints_module.save_file
+
+    def full_at_step_2(tensors, path, *args, **kwargs):
+        if Path(path).name == OPTIMIZER_FILE and Path(path).parent.name.startswith(".checkpoint-2."):
+            raise SafetensorError(
+                "Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                '"No space left on device" })'
+            )
+        return real_save_file(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints_module, "save_file", full_at_step_2)
+    out = tmp_path / "run"
+    with pytest.raises(WriteError) as error:
+        run_training(out, "--max_train_steps", "3", "--checkpointing_steps", "1")
+    message = str(error.value)
+    assert re.fullmatch(
+        rf"Cannot write {out}/checkpoint-2: No space left on device\. Free some disk space .*"
+        r"checkpoint-2 was not saved; checkpoint-1 is intact\. "
+        r"Once fixed, rerun with --resume_from_checkpoint latest\.",
+        message,
+    ), message
+    assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-1"]
+    assert checkpoint_problem(out / "checkpoint-1") is None and hidden(out) == []
+
+
+def test_overwrite_output_dir_leaves_no_earlier_checkpoint(run_training, tmp_path):
+    """Overwriting removes the earlier run's checkpoints and results, so "latest" cannot continue it; files
+    that are not ours stay, and a checkpoint folder holding one is refused rather than deleted."""
+    out = tmp_path / "run"
+    run_training(out, "--max_train_steps", "4", "--checkpointing_steps", "2")
+    (out / "notes.txt").write_text("the user's")
+    run_training(out, "--max_train_steps", "1", "--checkpointing_steps", "3", "--overwrite_output_dir")
+    assert complete_checkpoints(out) == [] and (out / "notes.txt").read_text() == "the user's"
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".safetensors") == [
+        LORA_WEIGHTS_NAME,
+        "run.safetensors",
+    ]
+
+    run_training(out, "--max_train_steps", "2", "--checkpointing_steps", "1", "--overwrite_output_dir", "--seed", "1")
+    assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
+    (out / "checkpoint-1" / "my-notes.txt").write_text("mine")
+    with pytest.raises(InputError, match=r"checkpoint-1 holds files this trainer does not write \(my-notes.txt\)"):
+        run_training(out, "--max_train_steps", "1", "--overwrite_output_dir")
+    assert (out / "checkpoint-1" / "my-notes.txt").exists() and (out / "checkpoint-2").is_dir()
+
+
+def test_a_damaged_checkpoint_is_skipped_by_latest_and_named_when_asked_for(
+    run_training, tmp_path, monkeypatch, caplog
+):
+    flags = ("--max_train_steps", "4", "--checkpointing_steps", "2")
+    uninterrupted = run_training(tmp_path / "full", *flags)
+    out = run_training(tmp_path / "run", *flags)
+    damaged = out / "checkpoint-4" / PARAMS_FILE
+    damaged.write_bytes(damaged.read_bytes()[:-100])  # a truncated write
+
+    monkeypatch.setattr(train_module, "load_sdxl", no_models)
+    with pytest.raises(InputError, match=f"Cannot resume from {out}/checkpoint-4: {damaged} is damaged or truncated"):
+        run_training(out, *flags, "--resume_from_checkpoint", str(out / "checkpoint-4"))
+    monkeypatch.undo()
+
+    with caplog.at_level(logging.INFO):
+        run_training(out, *flags, "--resume_from_checkpoint", "latest")
+    assert f"Skipping checkpoint {out}/checkpoint-4: {damaged} is damaged or truncated" in caplog.text
+    assert f"Resumed from {out}/checkpoint-2 at step 2" in caplog.text
+    assert_same_tensors(lora_file(out), lora_file(uninterrupted))
+    assert checkpoint_problem(out / "checkpoint-4") is None, "written again, whole"
+
+
+def test_a_kill_before_the_final_set_is_complete_leaves_no_lora_and_resume_finishes_it(
+    run_training, tmp_path, monkeypatch
+):
+    """The final LoRA, embeddings, kohya file and card appear together; a kill before (here: while writing
+    the card) leaves no LoRA file that looks finished, and resuming writes the whole set."""
+    flags = ("--max_train_steps", "2", "--checkpointing_steps", "2", "--train_text_encoder_ti")
+
+    def killed(*args, **kwargs):
+        raise Interrupted("killed while writing the model card")
+
+    monkeypatch.setattr(train_module, "write_model_card", killed)
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        run_training(out, *flags)
+    monkeypatch.undo()
+    assert not (out / LORA_WEIGHTS_NAME).exists() and not (out / "run_emb.safetensors").exists()
+    assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-2"]
+    run_training(out, *flags, "--resume_from_checkpoint", "latest")
+    names = {p.name for p in out.iterdir()}
+    assert {LORA_WEIGHTS_NAME, "run.safetensors", "run_emb.safetensors", "README.md"} <= names
+    assert_same_tensors(lora_file(out), lora_file(out / "checkpoint-2"))
+    assert hidden(out) == []
+
+
+def test_temporaries_of_killed_runs_are_removed_at_start(run_training, tmp_path):
+    out = tmp_path / "run"
+    no_such_pid = 2**22 + 1  # above Linux's PID_MAX_LIMIT
+    leftovers = [
+        out / f".checkpoint-3.partial-{no_such_pid}-abc",
+        out / ".write-q1w2e3",
+        out / "validation" / "step-1" / f".0.png.partial-{no_such_pid}-xyz",
+    ]
+    for leftover in leftovers:
+        leftover.mkdir(parents=True)
+        (leftover / "half").write_text("x")
+    (out / ".user-settings").write_text("the user's")
+    run_training(out, "--max_train_steps", "1", "--overwrite_output_dir")
+    assert hidden(out) == [".user-settings"] and not any(p.exists() for p in leftovers)
 
 
 def test_checkpoints_total_limit_keeps_newest(run_training, tmp_path):
