@@ -59,19 +59,41 @@ def lokr_delta(tensors: dict[str, torch.Tensor], shape: torch.Size) -> torch.Ten
     return (torch.kron(w1.contiguous(), w2.contiguous()) * _scale(tensors, dim)).reshape(shape)
 
 
-def module_delta(tensors: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
+def comfyui_lokr_delta(tensors: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
+    """LoKr as ComfyUI (comfy/weight_adapter/lokr.py) and Forge compute it, step for step: the Tucker rebuild
+    `einsum("i j k l, j r, i p -> p r k l", t2, w2_b, w2_a)` goes into `torch.kron` as it comes (not made
+    contiguous), which raises for a Tucker factor; they then log the error and leave the module unchanged."""
+    t = {key: value.double() for key, value in tensors.items()}
+    dim = None
+    w1 = t.get("lokr_w1")
+    if w1 is None:
+        w1, dim = t["lokr_w1_a"] @ t["lokr_w1_b"], t["lokr_w1_b"].shape[0]
+    w2 = t.get("lokr_w2")
+    if w2 is None:
+        dim = t["lokr_w2_b"].shape[0]
+        if "lokr_t2" in t:
+            w2 = torch.einsum("i j k l, j r, i p -> p r k l", t["lokr_t2"], t["lokr_w2_b"], t["lokr_w2_a"])
+        else:
+            w2 = t["lokr_w2_a"] @ t["lokr_w2_b"]
+    if w2.dim() == 4:
+        w1 = w1.unsqueeze(2).unsqueeze(2)
+    return torch.kron(w1, w2).reshape(shape) * _scale(tensors, dim)
+
+
+def module_delta(tensors: dict[str, torch.Tensor], shape: torch.Size, comfyui: bool = False) -> torch.Tensor:
+    """ΔW of one module, as A1111 computes it (or, with `comfyui`, as ComfyUI and Forge do)."""
     if "lora_down.weight" in tensors:
         return lora_delta(tensors, shape)
     if "hada_w1_a" in tensors:
         return loha_delta(tensors, shape)
-    return lokr_delta(tensors, shape)
+    return comfyui_lokr_delta(tensors, shape) if comfyui else lokr_delta(tensors, shape)
 
 
 def comfyui_weight(tensors: dict[str, torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
     """The weight ComfyUI / Forge compute for a module at strength 1: W + ΔW, or with a per-output `dora_scale` d,
     (W + ΔW) ⊙ d / ‖W‖ (norm of each output channel of the base weight)."""
     weight = weight.double()
-    merged = weight + module_delta(tensors, weight.shape)
+    merged = weight + module_delta(tensors, weight.shape, comfyui=True)
     if "dora_scale" not in tensors:
         return merged
     norms = weight.reshape(weight.shape[0], -1).norm(dim=1).reshape(-1, *[1] * (weight.dim() - 1))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lycoris_reference import comfyui_weight
+from lycoris_reference import comfyui_weight, module_delta
 from peft import inject_adapter_in_model, set_peft_model_state_dict
 from peft_layers import adapter_layers
 from safetensors import safe_open
@@ -110,8 +110,12 @@ def test_kohya_tensors_rebuild_the_weights_peft_applies(family, tiny_model, demo
     for name, tensors in modules.items():
         part, module_path = index[name]
         layer = models[part].get_submodule(module_path)
-        rebuilt = comfyui_weight(tensors, layer.get_base_layer().weight.detach())
+        base = layer.get_base_layer().weight.detach()
+        rebuilt = comfyui_weight(tensors, base)
         torch.testing.assert_close(rebuilt.float(), expected[part][module_path], rtol=1e-5, atol=1e-6, msg=name)
+        if family != "dora":  # A1111 (no DoRA: see the README)
+            a1111 = base.double() + module_delta(tensors, base.shape)
+            torch.testing.assert_close(a1111.float(), expected[part][module_path], rtol=1e-5, atol=1e-6, msg=name)
     with safe_open(str(path), framework="pt") as file:
         assert (DORA_FORM_KEY in file.metadata()) == (family == "dora")
 

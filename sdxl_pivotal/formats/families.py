@@ -11,6 +11,9 @@ dimension as they read it from a tensor's shape; so we write `alpha = scale x di
   the Tucker form of convolutions), so the tensors are copied; dim is `hada_w1_b`'s first axis.
 - LoKr: ΔW = w1 ⊗ w2 x scale, each factor full (`lokr_w1`) or low-rank (`lokr_w1_a @ lokr_w1_b`); names as
   LyCORIS'. With neither factor low-rank the loaders have no dim and use scale 1, so the scale goes into `lokr_w1`.
+  A convolution's Tucker form (`lokr_t2`, `--use_effective_conv2d`) is written untucked, as the plain low-rank
+  `lokr_w2_a [out, r] @ lokr_w2_b [r, in x kh x kw]` of the same product: ComfyUI and Forge fail on every
+  `lokr_t2` module (`torch.kron` of their non-contiguous Tucker rebuild raises, and they skip the module).
 """
 
 from __future__ import annotations
@@ -90,7 +93,18 @@ def _lokr_dim(tensors: Tensors) -> int | None:
     return None
 
 
+def untucked_lokr_w2(peft: Tensors) -> Tensors:
+    """A Tucker-form LoKr factor (t2 [r, r, kh, kw], w2_a [r, out], w2_b [r, in]) as the plain low-rank pair
+    w2_a' [out, r] @ w2_b' [r, in x kh x kw] of the same w2 and rank: the core is folded into w2_b'."""
+    core, w2_a, w2_b = peft["lokr_t2"], peft["lokr_w2_a"], peft["lokr_w2_b"]
+    folded = torch.einsum("i j k l, j r -> i r k l", core, w2_b)  # [r, in, kh, kw]
+    plain = {key: value for key, value in peft.items() if key not in ("lokr_t2", "lokr_w2_a", "lokr_w2_b")}
+    return plain | {"lokr_w2_a": w2_a.T.contiguous(), "lokr_w2_b": folded.flatten(1).contiguous()}
+
+
 def lokr_to_kohya(peft: Tensors, scale: float) -> Tensors:
+    if "lokr_t2" in peft:
+        peft = untucked_lokr_w2(peft)
     dim = _lokr_dim(peft)
     if dim is not None:
         return dict(peft) | {"alpha": _alpha(scale * dim)}
