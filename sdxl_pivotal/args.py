@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 from .class_images import validate_prior_flags
+from .config import effective_config, print_config_and_exit, with_config_file
 from .errors import InputError
 
 LR_SCHEDULERS = (
@@ -241,15 +242,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hub_token", default=None, help="Hub token (never printed or logged)")
     g.add_argument("--hub_model_id", default=None)
     g.add_argument("--local_rank", type=int, default=-1, help="set by the launcher")
+
+    g = parser.add_argument_group("config file")
+    g.add_argument("--config", default=None, help="(ours) YAML, TOML or JSON file of flags; the command line wins")
+    _add_bool(g, "--print_config", False, "(ours) print the effective configuration (YAML) and exit")
     return parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(with_config_file(parser, argv))
     env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
     if env_local_rank != -1 and env_local_rank != args.local_rank:
         args.local_rank = env_local_rank
     validate_args(args)
+    # The flags as given, before the derived defaults below: what --config reads back to this same run.
+    args.effective_config = effective_config(parser, args)
+    if args.print_config:
+        print_config_and_exit(args.effective_config)
     if args.lora_alpha is None:
         args.lora_alpha = float(args.rank)  # the reference's choice: scale 1
     if args.conv_alpha is None:

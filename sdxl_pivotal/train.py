@@ -21,6 +21,7 @@ from .adapters import AdapterPlan, add_adapters, unet_parameters_by_lr_scale
 from .card import create_hub_repo, upload_to_hub, write_model_card
 from .checkpoints import load_checkpoint, remove_partial_checkpoints, resolve_checkpoint, save_checkpoint
 from .class_images import ensure_class_images, generation_dtype, load_generation_pipeline
+from .config import save_run_config
 from .data import Batch, DreamBoothDataset, ImageRecord, StepPlan, iterate_steps, load_records, open_image
 from .export import embeddings_file_name, output_name, save_safetensors
 from .formats import save_diffusers_lora, save_kohya_lora
@@ -153,7 +154,7 @@ def tracker_config(args: argparse.Namespace) -> dict:
     return {
         key: value if isinstance(value, (int, float, str, bool)) else str(value)
         for key, value in vars(args).items()
-        if key != "hub_token"
+        if key not in ("hub_token", "effective_config")
     }
 
 
@@ -173,6 +174,7 @@ def output_writer(output_dir: Path, models: dict[str, torch.nn.Module], tokens: 
     the diffusers LoRA, the embeddings (pivotal tuning) and the kohya file for AUTOMATIC1111 / ComfyUI."""
 
     def write_outputs(folder: Path) -> None:
+        save_run_config(args.effective_config, folder)  # --config FILE reproduces the run
         lora_models = {name: m for name, m in models.items() if hasattr(m, "peft_config")}
         save_diffusers_lora(folder, lora_models)
         embeddings = None
@@ -323,6 +325,7 @@ def train(args: argparse.Namespace) -> Path:
         logger.info("Resumed from %s at step %d.", checkpoint, start_step)
     if accelerator.is_main_process:
         remove_partial_checkpoints(output_dir)
+        save_run_config(args.effective_config, output_dir)
         accelerator.init_trackers("dreambooth-lora-sd-xl", config=tracker_config(args))
 
     logger.info(
