@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 
 from .class_images import validate_prior_flags
-from .config import effective_config, print_config_and_exit, with_config_file
+from .config import datasets_flag, effective_config, print_config_and_exit, validate_datasets, with_config_file
 from .errors import InputError
 
 LR_SCHEDULERS = (
@@ -104,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep_tokens", type=int, default=0, help="(ours) with --shuffle_caption, keep the first N tags")
     g.add_argument(
         "--caption_dropout", type=float, default=0.0, help="(ours) probability of training a sample with no caption"
+    )
+    g.add_argument(
+        "--datasets",
+        type=datasets_flag,
+        default=None,
+        help="(ours) several image folders/datasets, each with its own prompt, repeats, resolution and role "
+        "(instance or class images); a list in a --config file (see README), or JSON here",
     )
     _add_bool(g, "--cache_latents", False, "encode images once with the VAE before training")
     g.add_argument(
@@ -418,6 +425,9 @@ def _validate_pivotal_flags(args: argparse.Namespace) -> None:
 
 
 def _validate_data_source(args: argparse.Namespace) -> None:
+    if args.datasets:
+        validate_datasets(args)
+        return
     if args.dataset_name and args.instance_data_dir:
         raise InputError("Pass either --dataset_name or --instance_data_dir, not both.")
     if not args.dataset_name and not args.instance_data_dir:

@@ -21,8 +21,17 @@ from .adapters import AdapterPlan, add_adapters, unet_parameters_by_lr_scale
 from .card import create_hub_repo, upload_to_hub, write_model_card
 from .checkpoints import load_checkpoint, remove_partial_checkpoints, resolve_checkpoint, save_checkpoint
 from .class_images import ensure_class_images, generation_dtype, load_generation_pipeline
-from .config import save_run_config
-from .data import Batch, DreamBoothDataset, ImageRecord, StepPlan, iterate_steps, load_records, open_image
+from .config import dataset_entries, save_run_config
+from .data import (
+    Batch,
+    DreamBoothDataset,
+    ImageRecord,
+    StepPlan,
+    iterate_steps,
+    load_entry_records,
+    load_records,
+    open_image,
+)
 from .export import embeddings_file_name, output_name, save_safetensors
 from .formats import save_diffusers_lora, save_kohya_lora
 from .latents import build_latent_cache, scale_latents
@@ -210,7 +219,10 @@ def load_class_records(
     args: argparse.Namespace, accelerator: Accelerator, seed: int, tokens: PivotalTokens | None
 ) -> list[ImageRecord]:
     """Prior preservation: complete --class_data_dir with images of the base model (generated, then freed);
-    one record per class image, captioned with --class_prompt."""
+    one record per class image, captioned with --class_prompt. Or the class entries of --datasets, as they are."""
+    if dataset_entries(args, "class"):
+        records = load_entry_records(args, "class")[0]
+        return [replace(r, caption=tokens.substitute(r.caption)) for r in records] if tokens else records
     dtype = generation_dtype(args.prior_generation_precision, accelerator.device)
     paths = ensure_class_images(
         Path(args.class_data_dir),
@@ -268,7 +280,8 @@ def train(args: argparse.Namespace) -> Path:
     repo_id = create_hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
 
     # Data first: bad images fail here, before minutes of model loading.
-    records = load_records(args)
+    # --datasets: several folders, each at its own size; else one source at --resolution (or its buckets).
+    records, sizes = load_entry_records(args, "instance") if args.datasets else (load_records(args), None)
     tokens = None
     if args.train_text_encoder_ti:
         tokens = PivotalTokens.from_flags(args.token_abstraction, args.num_new_tokens_per_abstraction)
@@ -277,6 +290,8 @@ def train(args: argparse.Namespace) -> Path:
         logger.info("Pivotal tuning: %s", tokens.by_abstraction)
     class_records = load_class_records(args, accelerator, seed, tokens) if args.with_prior_preservation else None
     dataset = DreamBoothDataset(records, args, seed, class_records)
+    if sizes is not None:
+        dataset.sizes = sizes
     validation_prompt = args.validation_prompt
     if tokens is not None and validation_prompt:
         validation_prompt = tokens.substitute(validation_prompt)

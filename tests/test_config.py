@@ -113,6 +113,8 @@ SECOND_COMMAND_LINE = {
     "decompose_both",
     "lora_target_regex",  # vs --lora_target
 }
+# --datasets replaces both image sources: a command line of its own.
+THIRD_COMMAND_LINE = {"datasets"}
 # How every flag's source is named: these two are what the round trip exercises.
 MECHANISM = {"config", "print_config"}
 
@@ -124,6 +126,12 @@ def flag_text(action: argparse.Action, tmp_path: Path, image_dir: Path) -> str:
         return SPECIAL[dest]
     if dest in ("instance_data_dir", "dataset_name"):
         return str(image_dir)
+    if dest == "datasets":
+        entries = [
+            {"image_dir": str(image_dir), "repeats": 3, "instance_prompt": "a TOK toy", "resolution": 32},
+            {"dataset_name": str(image_dir), "caption_column": "text", "aspect_ratio_bucketing": True},
+        ]
+        return json.dumps(entries)
     if action.nargs == "?":
         return "False" if action.default else "True"
     if dest.endswith("_dir"):
@@ -139,13 +147,18 @@ def flag_text(action: argparse.Action, tmp_path: Path, image_dir: Path) -> str:
 
 def every_flag_command_lines(tmp_path: Path, image_dir: Path) -> list[list[str]]:
     actions = [a for a in build_parser()._actions if a.option_strings and a.dest != "help"]
-    first, second = [], ["--pretrained_model_name_or_path", "m", "--instance_prompt", "p", "--output_dir", "o2"]
+    base = ["--pretrained_model_name_or_path", "m", "--instance_prompt", "p"]
+    first, second, third = [], [*base, "--output_dir", "o2"], [*base, "--output_dir", "o3"]
     for action in actions:
         if action.dest in MECHANISM:
             continue
-        target = second if action.dest in SECOND_COMMAND_LINE else first
+        target = first
+        if action.dest in SECOND_COMMAND_LINE:
+            target = second
+        elif action.dest in THIRD_COMMAND_LINE:
+            target = third
         target += [action.option_strings[0], flag_text(action, tmp_path, image_dir)]
-    return [first, second]
+    return [first, second, third]
 
 
 def test_round_trip_over_every_flag(tmp_path, image_dir, capsys):
@@ -341,3 +354,34 @@ def test_saved_file_leaves_resume_unset_and_reads_back(tmp_path, image_dir):
     assert path.read_text().endswith(config_text({**args.effective_config, "resume_from_checkpoint": None}))
     again = parse_args(["--config", str(path), "--resume_from_checkpoint", "latest"])
     assert comparable(again) == comparable(args)
+
+
+# ---------------------------------------------------------------------------------------------- example presets
+
+PRESET_FILES = sorted((REPO / "examples" / "configs").glob("*.yaml"))
+
+
+def test_one_example_per_preset_and_gpu_size():
+    names = {p.stem for p in PRESET_FILES}
+    assert names == {
+        f"{preset}-{size}" for preset in ("object", "style", "character", "face") for size in ("24gb", "16gb")
+    }
+
+
+@pytest.mark.parametrize("path", PRESET_FILES, ids=[p.stem for p in PRESET_FILES])
+def test_example_config_is_accepted_by_the_parser(path, tmp_path, image_dir):
+    args = parse_quietly(["--config", str(path), "--instance_data_dir", str(image_dir), "--output_dir", str(tmp_path)])
+    assert args.pretrained_model_name_or_path == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert args.train_text_encoder_ti and "TOK" in args.instance_prompt and "TOK" in args.validation_prompt
+    assert args.gradient_checkpointing and args.cache_latents and args.resolution == 1024
+    if path.stem.endswith("16gb"):  # fits a T4: fp16 (no bf16 there), batch 1, 8-bit AdamW unless Prodigy
+        assert args.mixed_precision == "fp16" and args.train_batch_size == 1
+        assert args.use_8bit_adam or args.optimizer == "prodigy"
+    else:
+        assert args.mixed_precision == "bf16"
+    # Every key is written as the parser reads it (no value the parser would turn into something else).
+    written = yaml.safe_load(path.read_text())
+    overridden = ("instance_data_dir", "output_dir")
+    assert {k: v for k, v in written.items() if k not in overridden} == {
+        k: args.effective_config[k] for k in written if k not in overridden
+    }
