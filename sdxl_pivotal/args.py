@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 from .class_images import validate_prior_flags
+from .config import datasets_flag, effective_config, print_config_and_exit, validate_datasets, with_config_file
 from .errors import InputError
 
 LR_SCHEDULERS = (
@@ -116,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep_tokens", type=int, default=0, help="(ours) with --shuffle_caption, keep the first N tags")
     g.add_argument(
         "--caption_dropout", type=float, default=0.0, help="(ours) probability of training a sample with no caption"
+    )
+    g.add_argument(
+        "--datasets",
+        type=datasets_flag,
+        default=None,
+        help="(ours) several image folders/datasets, each with its own prompt, repeats, resolution and role "
+        "(instance or class images); a list in a --config file (see README), or JSON here",
     )
     _add_bool(g, "--cache_latents", False, "encode images once with the VAE before training")
     g.add_argument(
@@ -260,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hub_token", default=None, help="Hub token (never printed or logged)")
     g.add_argument("--hub_model_id", default=None)
     g.add_argument("--local_rank", type=int, default=-1, help="set by the launcher")
+
+    g = parser.add_argument_group("config file")
+    g.add_argument("--config", default=None, help="(ours) YAML, TOML or JSON file of flags; the command line wins")
+    _add_bool(g, "--print_config", False, "(ours) print the effective configuration (YAML) and exit")
     return parser
 
 
@@ -276,11 +288,16 @@ def join_negative_values(argv: list[str]) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    args = build_parser().parse_args(join_negative_values(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    args = parser.parse_args(join_negative_values(with_config_file(parser, argv)))
     env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
     if env_local_rank != -1 and env_local_rank != args.local_rank:
         args.local_rank = env_local_rank
     validate_args(args)
+    # The flags as given, before the derived defaults below: what --config reads back to this same run.
+    args.effective_config = effective_config(parser, args)
+    if args.print_config:
+        print_config_and_exit(args.effective_config)
     if args.lora_alpha is None:
         args.lora_alpha = float(args.rank)  # the reference's choice: scale 1
     if args.conv_alpha is None:
@@ -465,6 +482,9 @@ def _validate_pivotal_flags(args: argparse.Namespace) -> None:
 
 
 def _validate_data_source(args: argparse.Namespace) -> None:
+    if args.datasets:
+        validate_datasets(args)
+        return
     if args.dataset_name and args.instance_data_dir:
         raise InputError("Pass either --dataset_name or --instance_data_dir, not both.")
     if not args.dataset_name and not args.instance_data_dir:

@@ -212,6 +212,8 @@ Prompt: `{prompt}`
 {ui_instructions(args, tokens)}
 ## Training settings
 
+All flags of this run: [`training_config.yaml`](training_config.yaml) (run it again: `--config training_config.yaml`).
+
 | setting | value |
 |---|---|
 {settings}

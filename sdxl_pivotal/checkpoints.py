@@ -5,6 +5,7 @@ A checkpoint holds
   `pytorch_lora_weights.safetensors` and, with pivotal tuning, `<name>_emb.safetensors`;
 - `trainable_state.safetensors`: every trainable parameter, by name, exactly as in memory;
 - `optimizer.safetensors`: the optimizer's tensors (moments, Prodigy's estimates, ...);
+- `training_config.yaml`: the run's flags (config.py), so the checkpoint says how it was made;
 - `training_state.json`: the step, the seed, the optimizer's and schedulers' plain values. Written last.
 Everything is written into a temporary folder that is renamed to `checkpoint-N` only when complete, so a
 crash mid-write never leaves a checkpoint that `--resume_from_checkpoint latest` would pick up; a write that

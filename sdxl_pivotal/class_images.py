@@ -243,6 +243,19 @@ def validate_prior_flags(args: argparse.Namespace) -> None:
     """Check the prior-preservation flags (no model, no writes); raise InputError naming the fix."""
     if not args.with_prior_preservation:
         return
+    # Real class images listed in --datasets replace --class_data_dir (config.validate_datasets checks them).
+    if not any(entry["role"] == "class" for entry in getattr(args, "datasets", None) or ()):
+        _validate_class_folder(args)
+    if args.num_class_images < 1:
+        raise InputError(f"--num_class_images must be at least 1, got {args.num_class_images}.")
+    if args.sample_batch_size < 1:
+        raise InputError(f"--sample_batch_size must be at least 1, got {args.sample_batch_size}.")
+    if args.prior_loss_weight < 0:
+        raise InputError(f"--prior_loss_weight must be 0 or more, got {args.prior_loss_weight}.")
+
+
+def _validate_class_folder(args: argparse.Namespace) -> None:
+    """--class_prompt and --class_data_dir, the folder where missing class images are generated."""
     if not args.class_prompt or not args.class_prompt.strip():
         raise InputError(
             '--with_prior_preservation needs --class_prompt, the prompt of the class, e.g. "a photo of a dog".'
@@ -264,9 +277,3 @@ def validate_prior_flags(args: argparse.Namespace) -> None:
             f"--class_data_dir {class_dir} is the instance image folder; generated class images would become "
             "training images. Pass a separate folder."
         )
-    if args.num_class_images < 1:
-        raise InputError(f"--num_class_images must be at least 1, got {args.num_class_images}.")
-    if args.sample_batch_size < 1:
-        raise InputError(f"--sample_batch_size must be at least 1, got {args.sample_batch_size}.")
-    if args.prior_loss_weight < 0:
-        raise InputError(f"--prior_loss_weight must be 0 or more, got {args.prior_loss_weight}.")

@@ -468,3 +468,50 @@ def iterate_steps(dataset: DreamBoothDataset, plan: StepPlan, start_step: int, n
             yield step, [next(batches) for _ in group]
             step += 1
         epoch, first = epoch + 1, 0
+
+
+def entry_flags(args: argparse.Namespace, entry: dict) -> argparse.Namespace:
+    """The flags as one --datasets entry sees them: its own values over the run's (config.ENTRY_KEYS)."""
+    own = {key: value for key, value in entry.items() if value is not None and key not in ("repeats", "role")}
+    flags = argparse.Namespace(**{**vars(args), **own})
+    flags.instance_data_dir, flags.dataset_name = entry["image_dir"], entry["dataset_name"]
+    if entry["role"] == "class":  # captioned with the class prompt, whatever files or columns say
+        flags.instance_prompt, flags.caption_column = entry["class_prompt"] or args.class_prompt, None
+    return flags
+
+
+def _entry_records(flags: argparse.Namespace, role: str) -> list[ImageRecord]:
+    if flags.dataset_name:
+        return records_from_dataset(flags)
+    folder = Path(flags.instance_data_dir)
+    if role == "instance":
+        return records_from_folder(folder, flags.instance_prompt, flags.caption_extension)
+    from .class_images import list_images
+
+    paths = list_images(folder)
+    if not paths:
+        raise InputError(f"--datasets: the class image folder {folder} holds no images.")
+    return [ImageRecord(caption=flags.instance_prompt, path=p, size=open_image(p).size) for p in paths]
+
+
+def load_entry_records(args: argparse.Namespace, role: str) -> tuple[list[ImageRecord], list[tuple[int, int]]]:
+    """--datasets: the records of every entry of `role` ("instance" or "class"), each entry's repeated its
+    `repeats` times (so an epoch sees the entries in the ratio of their repeats), and the (width, height) each
+    record trains at (instance entries: their own resolution or buckets; class records take their partner's)."""
+    from .config import dataset_entries
+
+    records, sizes = [], []
+    for entry in dataset_entries(args, role):
+        flags = entry_flags(args, entry)
+        found = _entry_records(flags, role)
+        logger.info(
+            "--datasets %s entry %s: %d images x %d repeats",
+            role,
+            flags.instance_data_dir or flags.dataset_name,
+            len(found),
+            entry["repeats"],
+        )
+        records += found * entry["repeats"]
+        if role == "instance":
+            sizes += training_sizes(found, flags) * entry["repeats"]
+    return records, sizes

@@ -21,7 +21,17 @@ from .adapters import AdapterPlan, add_adapters, unet_parameters_by_lr_scale
 from .card import create_hub_repo, upload_to_hub, write_model_card
 from .checkpoints import load_checkpoint, remove_earlier_run, resolve_checkpoint, save_checkpoint
 from .class_images import ensure_class_images, generation_dtype, list_images, load_generation_pipeline
-from .data import Batch, DreamBoothDataset, ImageRecord, StepPlan, iterate_steps, load_records, open_image
+from .config import dataset_entries, save_run_config
+from .data import (
+    Batch,
+    DreamBoothDataset,
+    ImageRecord,
+    StepPlan,
+    iterate_steps,
+    load_entry_records,
+    load_records,
+    open_image,
+)
 from .export import (
     check_writable,
     embeddings_file_name,
@@ -163,7 +173,7 @@ def tracker_config(args: argparse.Namespace) -> dict:
     return {
         key: value if isinstance(value, (int, float, str, bool)) else str(value)
         for key, value in vars(args).items()
-        if key != "hub_token"
+        if key not in ("hub_token", "effective_config")
     }
 
 
@@ -209,6 +219,7 @@ def output_writer(output_dir: Path, models: dict[str, torch.nn.Module], tokens: 
     the diffusers LoRA, the embeddings (pivotal tuning) and the kohya file for AUTOMATIC1111 / ComfyUI."""
 
     def write_outputs(folder: Path) -> None:
+        save_run_config(args.effective_config, folder)  # --config FILE reproduces the run
         lora_models = {name: m for name, m in models.items() if hasattr(m, "peft_config")}
         save_diffusers_lora(folder, lora_models)
         embeddings = None
@@ -244,7 +255,10 @@ def load_class_records(
     args: argparse.Namespace, accelerator: Accelerator, seed: int, tokens: PivotalTokens | None
 ) -> list[ImageRecord]:
     """Prior preservation: complete --class_data_dir with images of the base model (generated, then freed);
-    one record per class image, captioned with --class_prompt."""
+    one record per class image, captioned with --class_prompt. Or the class entries of --datasets, as they are."""
+    if dataset_entries(args, "class"):
+        records = load_entry_records(args, "class")[0]
+        return [replace(r, caption=tokens.substitute(r.caption)) for r in records] if tokens else records
     dtype = generation_dtype(args.prior_generation_precision, accelerator.device)
     paths = ensure_class_images(
         Path(args.class_data_dir),
@@ -305,7 +319,8 @@ def train(args: argparse.Namespace) -> Path:
     repo_id = create_hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
 
     # Data first: bad images fail here, before minutes of model loading.
-    records = load_records(args)
+    # --datasets: several folders, each at its own size; else one source at --resolution (or its buckets).
+    records, sizes = load_entry_records(args, "instance") if args.datasets else (load_records(args), None)
     tokens = None
     if args.train_text_encoder_ti:
         tokens = PivotalTokens.from_flags(args.token_abstraction, args.num_new_tokens_per_abstraction)
@@ -315,6 +330,8 @@ def train(args: argparse.Namespace) -> Path:
     check_model_source(args)  # a missing part or an unreachable Hub id fails now, before anything loads
     class_records = load_class_records(args, accelerator, seed, tokens) if args.with_prior_preservation else None
     dataset = DreamBoothDataset(records, args, seed, class_records)
+    if sizes is not None:
+        dataset.sizes = sizes
     validation_prompt = args.validation_prompt
     if tokens is not None and validation_prompt:
         validation_prompt = tokens.substitute(validation_prompt)
@@ -362,6 +379,7 @@ def train(args: argparse.Namespace) -> Path:
         start_step = load_checkpoint(checkpoint, models, optimizer, lr_scheduler, accelerator.scaler).step
         logger.info("Resumed from %s at step %d.", checkpoint, start_step)
     if accelerator.is_main_process:
+        save_run_config(args.effective_config, output_dir)
         accelerator.init_trackers("dreambooth-lora-sd-xl", config=tracker_config(args))
 
     logger.info(

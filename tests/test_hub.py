@@ -70,6 +70,7 @@ def test_push_uploads_outputs_not_checkpoints(run_training, tmp_path, fake_hub, 
         "pytorch_lora_weights.safetensors",
         "tok-toy.safetensors",
         "tok-toy_emb.safetensors",
+        "training_config.yaml",
         "validation/final/0.png",
     ]
     card = (out / "README.md").read_text()
