@@ -56,6 +56,7 @@ from .losses import (
     training_target,
 )
 from .models import SDXLParts, check_mixed_precision, check_model_source, load_sdxl, place_models, trained_models
+from .monitor import Requests, TrainingMonitor
 from .optim import create_lr_scheduler, create_optimizer, parameter_groups, trainable_parameters
 from .prompts import PromptEncoder
 from .tokens import PivotalTokens, add_new_tokens, embeddings_state
@@ -175,6 +176,12 @@ def tracker_config(args: argparse.Namespace) -> dict:
         for key, value in vars(args).items()
         if key not in ("hub_token", "effective_config")
     }
+
+
+def shared_requests(monitor: TrainingMonitor, accelerator: Accelerator) -> Requests:
+    """The main process's control-file requests, the same on every process."""
+    requests = [monitor.requests()]
+    return broadcast_object_list(requests)[0] if accelerator.num_processes > 1 else requests[0]
 
 
 def text_training_stop(args: argparse.Namespace, total_steps: int) -> int:
@@ -399,9 +406,14 @@ def train(args: argparse.Namespace) -> Path:
         model.train()
 
     precompute = prompts_to_precompute(args, accelerator, dataset)
+    images_per_step = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    monitor = TrainingMonitor(output_dir, images_per_step, enabled=accelerator.is_main_process)
+    monitor.start(start_step, total_steps)
+    stopped = False
     for step, micro_batches in iterate_steps(dataset, plan, start_step, args.dataloader_num_workers):
         if step >= total_steps:
             break
+        monitor.step_started()
         generator = step_generator(seed, step, accelerator.process_index)
         text_trainable = step < text_encoder_stop
         if not text_trainable and precompute is not None and not encode_prompts.offloaded:
@@ -426,8 +438,10 @@ def train(args: argparse.Namespace) -> Path:
         done = step + 1
         progress.update(1)
         progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
-        accelerator.log({"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=done)
-        if accelerator.is_main_process and done % args.checkpointing_steps == 0:
+        lr = lr_scheduler.get_last_lr()[0]
+        accelerator.log(monitor.step_done(done, step_loss, lr, epoch=step // plan.steps_per_epoch), step=done)
+        requests = shared_requests(monitor, accelerator)  # control files: stop / save / sample now
+        if accelerator.is_main_process and (done % args.checkpointing_steps == 0 or requests.save or requests.stop):
             save_checkpoint(
                 output_dir,
                 done,
@@ -439,11 +453,20 @@ def train(args: argparse.Namespace) -> Path:
                 accelerator.scaler,
                 args.checkpoints_total_limit,
             )
-        if accelerator.is_main_process and is_validation_step(args, done, plan.steps_per_epoch):
+        sample = requests.sample and bool(validation_prompt)
+        if accelerator.is_main_process and (sample or is_validation_step(args, done, plan.steps_per_epoch)):
             validate_during_training(accelerator, parts, unwrapped, args, validation_prompt, seed, done)
+        if requests.stop and done < total_steps:
+            stopped = True
+            break
     progress.close()
 
     accelerator.wait_for_everyone()
+    if stopped:
+        logger.info("Stopped on request after step %d; resume with --resume_from_checkpoint latest.", done)
+        monitor.event("stopped", done)
+        accelerator.end_training()
+        return output_dir
     if accelerator.is_main_process:
         # Written as one set: a kill leaves it complete, or recognisably incomplete (no LoRA file).
         with final_output_set(output_dir) as staging:
@@ -459,5 +482,6 @@ def train(args: argparse.Namespace) -> Path:
         if repo_id:
             upload_to_hub(output_dir, args, repo_id)
             logger.info("Uploaded %s to https://huggingface.co/%s", output_dir, repo_id)
+        monitor.event("finished", total_steps)
     accelerator.end_training()
     return output_dir
