@@ -105,19 +105,27 @@ def write_clip_vocab(folder: Path) -> tuple[Path, Path]:
     return vocab_file, merges_file
 
 
-def build_tiny_sdxl_pipeline(preset: str = "tiny", seed: int = 0):
-    """Build an SDXL `StableDiffusionXLPipeline` with random weights, deterministic for a given seed."""
+def build_clip_tokenizers():
+    """SDXL's two CLIP tokenizers over the small embedded vocabulary (`write_clip_vocab`)."""
     import tempfile
 
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
-    p = PRESETS[preset]
     with tempfile.TemporaryDirectory() as tmp:
         vocab_file, merges_file = write_clip_vocab(Path(tmp))
         tokenizer = CLIPTokenizer(vocab=str(vocab_file), merges=str(merges_file), model_max_length=77)
         # SDXL's second tokenizer pads with "!" instead of the end-of-text token.
         tokenizer_2 = CLIPTokenizer(vocab=str(vocab_file), merges=str(merges_file), model_max_length=77, pad_token="!")
+    return tokenizer, tokenizer_2
+
+
+def build_tiny_sdxl_pipeline(preset: str = "tiny", seed: int = 0):
+    """Build an SDXL `StableDiffusionXLPipeline` with random weights, deterministic for a given seed."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    p = PRESETS[preset]
+    tokenizer, tokenizer_2 = build_clip_tokenizers()
     special = dict(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,

@@ -89,7 +89,8 @@ def initial_rows(embedding: torch.nn.Embedding, count: int, initializer_ids: lis
     weight = embedding.weight.detach().float()
     if initializer_ids:
         return weight[initializer_ids].mean(dim=0, keepdim=True).repeat(count, 1)
-    return torch.randn(count, weight.shape[1]) * weight.std()
+    # Drawn on the CPU whatever the device (same numbers everywhere; the planner's models are on `meta`).
+    return torch.randn(count, weight.shape[1]).to(weight.device) * weight.std()
 
 
 def add_new_tokens(

@@ -292,6 +292,21 @@ def build_models(
     """Load SDXL, attach the adapters and the new tokens, and place everything on the device.
     Returns the parts, the UNet's adapter plan and the dtype of the frozen weights."""
     parts = load_sdxl(args)
+    weight_dtype = WEIGHT_DTYPES.get(accelerator.mixed_precision, torch.float32)
+    adapter_plan = prepare_models(parts, args, tokens, seed, accelerator.device, weight_dtype)
+    return parts, adapter_plan, weight_dtype
+
+
+def prepare_models(
+    parts: SDXLParts,
+    args: argparse.Namespace,
+    tokens: PivotalTokens | None,
+    seed: int,
+    device: torch.device,
+    weight_dtype: torch.dtype,
+) -> AdapterPlan:
+    """Attach the adapters and the new tokens to loaded models, set their training options, and place them on
+    `device` (also what the memory planner does to its fake models). Returns the UNet's adapter plan."""
     torch.manual_seed(seed)  # adapter weights start random: same seed, same start
     adapter_plan = add_adapters(parts, args)
     if tokens is not None:
@@ -306,9 +321,8 @@ def build_models(
         parts.unet.enable_xformers_memory_efficient_attention()
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
-    weight_dtype = WEIGHT_DTYPES.get(accelerator.mixed_precision, torch.float32)
-    place_models(parts, accelerator.device, weight_dtype, vae_fp32=not args.pretrained_vae_model_name_or_path)
-    return parts, adapter_plan, weight_dtype
+    place_models(parts, device, weight_dtype, vae_fp32=not args.pretrained_vae_model_name_or_path)
+    return adapter_plan
 
 
 def train(args: argparse.Namespace) -> Path:
