@@ -18,10 +18,13 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import logging
 import sys
 from pathlib import Path
 
 from .errors import InputError
+
+logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "training_config.yaml"
 SUFFIXES = (".yaml", ".yml", ".toml", ".json")
@@ -182,6 +185,30 @@ def save_run_config(config: dict, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     reproducible = {key: None if key in NOT_REPRODUCED else value for key, value in config.items()}
     return save_text(config_text(reproducible, header), folder / CONFIG_FILE)
+
+
+def changed_flags(checkpoint: Path, config: dict) -> list[str]:
+    """On resume: the flags that differ from those the checkpoint was written with, as "flag: old -> new"
+    (empty for a checkpoint without a config file, from an older version)."""
+    saved_file = checkpoint / CONFIG_FILE
+    if not saved_file.is_file():
+        return []
+    saved = read_config_file(saved_file)
+    return [
+        f"{key}: {saved.get(key)!r} -> {value!r}"
+        for key, value in config.items()
+        if key in saved and key not in NOT_REPRODUCED and saved[key] != value
+    ]
+
+
+def warn_about_changed_flags(checkpoint: Path, config: dict) -> None:
+    changes = changed_flags(checkpoint, config)
+    if changes:
+        logger.warning(
+            "Resuming %s with flags that differ from its own (so the run differs from an uninterrupted one): %s",
+            checkpoint,
+            "; ".join(changes),
+        )
 
 
 # ---------------------------------------------------------------------------------------------- --datasets
