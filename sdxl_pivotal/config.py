@@ -34,6 +34,8 @@ NOT_SAVED = ("hub_token", "config", "print_config")
 LIST_FLAGS = ("token_abstraction", "lora_unet_blocks", "unet_block_ranks", "unet_block_conv_ranks", "unet_block_lr")
 # In the written file, these describe how the run was started, not the training: left unset.
 NOT_REPRODUCED = ("resume_from_checkpoint",)
+# Set by the launcher per process: not a setting of the training, never reported as changed on resume.
+LAUNCHER_FLAGS = ("local_rank",)
 
 
 def read_config_file(path: Path) -> dict:
@@ -83,8 +85,11 @@ def _expected(action: argparse.Action) -> str:
 def _value_text(key: str, value: object, action: argparse.Action, source: Path) -> str:
     """The command-line text of a file's value for a flag; raise InputError when it has the wrong type."""
     where = f"--config {source}: key {key!r} (--{action.dest})"
-    if key == "datasets":
-        return value  # already checked and turned into JSON text by config_argv
+    if key == "datasets":  # a list in the file, JSON text on the command line
+        try:
+            return json.dumps(parse_datasets(value))
+        except InputError as error:
+            raise InputError(f"--config {source}: {error}") from None
     if _is_boolean(action):
         ok = isinstance(value, (bool, str))
         text = ("true" if value else "false") if isinstance(value, bool) else value
@@ -127,11 +132,6 @@ def config_argv(parser: argparse.ArgumentParser, values: dict, source: Path) -> 
                     f"--config {source}: key {key!r} is empty (null); give a value or remove the key ({default})."
                 )
             continue  # null: the flag's default, None
-        if key == "datasets":  # a list in the file, JSON text on the command line
-            try:
-                value = json.dumps(parse_datasets(value))
-            except InputError as error:
-                raise InputError(f"--config {source}: {error}") from None
         argv.append(f"{action.option_strings[0]}={_value_text(key, value, action, source)}")
     return argv
 
@@ -197,7 +197,7 @@ def changed_flags(checkpoint: Path, config: dict) -> list[str]:
     return [
         f"{key}: {saved.get(key)!r} -> {value!r}"
         for key, value in config.items()
-        if key in saved and key not in NOT_REPRODUCED and saved[key] != value
+        if key in saved and key not in NOT_REPRODUCED + LAUNCHER_FLAGS and saved[key] != value
     ]
 
 
