@@ -242,3 +242,27 @@ def test_dataset_entry_with_a_caption_column_and_a_class_dataset(tmp_path):
     assert [r.caption for r in records] == captions * 2 and sizes == [(64, 64)] * 4
     class_records, _ = load_entry_records(args, "class")
     assert [r.caption for r in class_records] == ["a photo of a toy"] * 2  # not the dataset's captions
+
+
+def test_toml_array_of_tables(tmp_path):
+    a, b = write_demo_images(tmp_path / "A", count=1), write_demo_images(tmp_path / "B", count=1)
+    path = tmp_path / "run.toml"
+    path.write_text(
+        f"""pretrained_model_name_or_path = "m"
+instance_prompt = "a photo of TOK toy"
+output_dir = "{tmp_path / "out"}"
+
+[[datasets]]
+image_dir = "{a}"
+repeats = 2
+
+[[datasets]]
+image_dir = "{b}"
+instance_prompt = "a photo of SKS toy"
+"""
+    )
+    args = parse_args(["--config", str(path)])
+    assert [(e["image_dir"], e["repeats"], e["instance_prompt"]) for e in args.datasets] == [
+        (str(a), 2, None),
+        (str(b), 1, "a photo of SKS toy"),
+    ]
