@@ -54,7 +54,6 @@ def datasets_flag(*entries: dict) -> tuple[str, str]:
     return ("--datasets", json.dumps(list(entries)))
 
 
-@pytest.mark.slow
 def test_two_concepts_are_seen_in_the_ratio_of_their_repeats(run_training, tmp_path, record_batches):
     a = folder_with_captions(tmp_path / "A", 2, "TOK")
     b = folder_with_captions(tmp_path / "B", 3, "SKS")
@@ -108,7 +107,6 @@ def test_each_folder_trains_at_its_own_resolution(run_training, tmp_path, record
     assert {size for _, size, _ in record_batches} == {(64, 64), (32, 32)}
 
 
-@pytest.mark.slow
 def test_regularisation_folder_gets_the_prior_loss(run_training, tmp_path, record_batches):
     a = folder_with_captions(tmp_path / "A", 2, "TOK")
     real = write_demo_images(tmp_path / "real-toys", count=3, seed=5)

@@ -51,7 +51,6 @@ FLAGS = [
 ]
 
 
-@pytest.mark.slow
 def test_resume_with_the_written_config_is_exact(run_training, tmp_path, monkeypatch, caplog):
     uninterrupted = run_training(tmp_path / "full", *FLAGS)
 
