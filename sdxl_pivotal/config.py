@@ -18,10 +18,13 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import logging
 import sys
 from pathlib import Path
 
 from .errors import InputError
+
+logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "training_config.yaml"
 SUFFIXES = (".yaml", ".yml", ".toml", ".json")
@@ -31,6 +34,8 @@ NOT_SAVED = ("hub_token", "config", "print_config")
 LIST_FLAGS = ("token_abstraction", "lora_unet_blocks", "unet_block_ranks", "unet_block_conv_ranks", "unet_block_lr")
 # In the written file, these describe how the run was started, not the training: left unset.
 NOT_REPRODUCED = ("resume_from_checkpoint",)
+# Set by the launcher per process: not a setting of the training, never reported as changed on resume.
+LAUNCHER_FLAGS = ("local_rank",)
 
 
 def read_config_file(path: Path) -> dict:
@@ -80,8 +85,11 @@ def _expected(action: argparse.Action) -> str:
 def _value_text(key: str, value: object, action: argparse.Action, source: Path) -> str:
     """The command-line text of a file's value for a flag; raise InputError when it has the wrong type."""
     where = f"--config {source}: key {key!r} (--{action.dest})"
-    if key == "datasets":
-        return value  # already checked and turned into JSON text by config_argv
+    if key == "datasets":  # a list in the file, JSON text on the command line
+        try:
+            return json.dumps(parse_datasets(value))
+        except InputError as error:
+            raise InputError(f"--config {source}: {error}") from None
     if _is_boolean(action):
         ok = isinstance(value, (bool, str))
         text = ("true" if value else "false") if isinstance(value, bool) else value
@@ -124,11 +132,6 @@ def config_argv(parser: argparse.ArgumentParser, values: dict, source: Path) -> 
                     f"--config {source}: key {key!r} is empty (null); give a value or remove the key ({default})."
                 )
             continue  # null: the flag's default, None
-        if key == "datasets":  # a list in the file, JSON text on the command line
-            try:
-                value = json.dumps(parse_datasets(value))
-            except InputError as error:
-                raise InputError(f"--config {source}: {error}") from None
         argv.append(f"{action.option_strings[0]}={_value_text(key, value, action, source)}")
     return argv
 
@@ -182,6 +185,30 @@ def save_run_config(config: dict, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     reproducible = {key: None if key in NOT_REPRODUCED else value for key, value in config.items()}
     return save_text(config_text(reproducible, header), folder / CONFIG_FILE)
+
+
+def changed_flags(checkpoint: Path, config: dict) -> list[str]:
+    """On resume: the flags that differ from those the checkpoint was written with, as "flag: old -> new"
+    (empty for a checkpoint without a config file, from an older version)."""
+    saved_file = checkpoint / CONFIG_FILE
+    if not saved_file.is_file():
+        return []
+    saved = read_config_file(saved_file)
+    return [
+        f"{key}: {saved.get(key)!r} -> {value!r}"
+        for key, value in config.items()
+        if key in saved and key not in NOT_REPRODUCED + LAUNCHER_FLAGS and saved[key] != value
+    ]
+
+
+def warn_about_changed_flags(checkpoint: Path, config: dict) -> None:
+    changes = changed_flags(checkpoint, config)
+    if changes:
+        logger.warning(
+            "Resuming %s with flags that differ from its own (so the run differs from an uninterrupted one): %s",
+            checkpoint,
+            "; ".join(changes),
+        )
 
 
 # ---------------------------------------------------------------------------------------------- --datasets

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .config import dataset_entries
 from .errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -472,7 +473,9 @@ def iterate_steps(dataset: DreamBoothDataset, plan: StepPlan, start_step: int, n
 
 def entry_flags(args: argparse.Namespace, entry: dict) -> argparse.Namespace:
     """The flags as one --datasets entry sees them: its own values over the run's (config.ENTRY_KEYS)."""
-    own = {key: value for key, value in entry.items() if value is not None and key not in ("repeats", "role")}
+    own = {
+        key: value for key, value in entry.items() if value is not None and key not in ("image_dir", "repeats", "role")
+    }
     flags = argparse.Namespace(**{**vars(args), **own})
     flags.instance_data_dir, flags.dataset_name = entry["image_dir"], entry["dataset_name"]
     if entry["role"] == "class":  # captioned with the class prompt, whatever files or columns say
@@ -498,8 +501,6 @@ def load_entry_records(args: argparse.Namespace, role: str) -> tuple[list[ImageR
     """--datasets: the records of every entry of `role` ("instance" or "class"), each entry's repeated its
     `repeats` times (so an epoch sees the entries in the ratio of their repeats), and the (width, height) each
     record trains at (instance entries: their own resolution or buckets; class records take their partner's)."""
-    from .config import dataset_entries
-
     records, sizes = [], []
     for entry in dataset_entries(args, role):
         flags = entry_flags(args, entry)

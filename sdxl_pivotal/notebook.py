@@ -62,7 +62,8 @@ def detect_gpu() -> tuple[bool, float]:
     import torch
 
     properties = torch.cuda.get_device_properties(0)
-    return torch.cuda.is_bf16_supported(), properties.total_memory / 1024**3
+    # Native bf16 only: a T4 emulates it (slowly), and torch counts emulation as support by default.
+    return torch.cuda.is_bf16_supported(including_emulation=False), properties.total_memory / 1024**3
 
 
 def cpu_settings(tiny_model: Path) -> dict:

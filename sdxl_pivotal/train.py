@@ -21,7 +21,7 @@ from .adapters import AdapterPlan, add_adapters, unet_parameters_by_lr_scale
 from .card import create_hub_repo, upload_to_hub, write_model_card
 from .checkpoints import load_checkpoint, remove_earlier_run, resolve_checkpoint, save_checkpoint
 from .class_images import ensure_class_images, generation_dtype, list_images, load_generation_pipeline
-from .config import dataset_entries, save_run_config
+from .config import dataset_entries, save_run_config, warn_about_changed_flags
 from .data import (
     Batch,
     DreamBoothDataset,
@@ -336,6 +336,8 @@ def train(args: argparse.Namespace) -> Path:
     checkpoint = resolve_checkpoint(output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
     if args.resume_from_checkpoint == "latest" and checkpoint is None:
         logger.info("No checkpoint in %s; starting a new run.", output_dir)
+    if checkpoint is not None and accelerator.is_main_process:
+        warn_about_changed_flags(checkpoint, args.effective_config)
     seed = resolve_seed(args, accelerator, checkpoint)
     repo_id = create_hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
 

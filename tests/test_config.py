@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from sdxl_pivotal.args import build_parser, parse_args
-from sdxl_pivotal.config import config_text, save_run_config
+from sdxl_pivotal.config import changed_flags, config_text, save_run_config
 from sdxl_pivotal.errors import InputError
 from sdxl_pivotal.tiny import write_demo_images
 
@@ -385,3 +385,14 @@ def test_example_config_is_accepted_by_the_parser(path, tmp_path, image_dir):
     assert {k: v for k, v in written.items() if k not in overridden} == {
         k: args.effective_config[k] for k in written if k not in overridden
     }
+
+
+def test_resume_names_the_flags_that_differ_from_the_checkpoint(tmp_path, image_dir):
+    argv = [f"--{k}={v}" for k, v in base_config(image_dir, tmp_path).items()]
+    checkpoint = tmp_path / "checkpoint-2"
+    save_run_config(parse_args(argv).effective_config, checkpoint)
+    same = parse_args([*argv, "--resume_from_checkpoint", "latest"]).effective_config
+    assert changed_flags(checkpoint, same) == []
+    other = parse_args([*argv, "--rank", "8", "--random_flip"]).effective_config
+    assert changed_flags(checkpoint, other) == ["random_flip: False -> True", "rank: 4 -> 8"]  # parser order
+    assert changed_flags(tmp_path / "older-checkpoint", other) == []  # no config file: nothing to compare

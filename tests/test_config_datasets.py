@@ -54,7 +54,6 @@ def datasets_flag(*entries: dict) -> tuple[str, str]:
     return ("--datasets", json.dumps(list(entries)))
 
 
-@pytest.mark.slow
 def test_two_concepts_are_seen_in_the_ratio_of_their_repeats(run_training, tmp_path, record_batches):
     a = folder_with_captions(tmp_path / "A", 2, "TOK")
     b = folder_with_captions(tmp_path / "B", 3, "SKS")
@@ -108,7 +107,6 @@ def test_each_folder_trains_at_its_own_resolution(run_training, tmp_path, record
     assert {size for _, size, _ in record_batches} == {(64, 64), (32, 32)}
 
 
-@pytest.mark.slow
 def test_regularisation_folder_gets_the_prior_loss(run_training, tmp_path, record_batches):
     a = folder_with_captions(tmp_path / "A", 2, "TOK")
     real = write_demo_images(tmp_path / "real-toys", count=3, seed=5)
@@ -210,3 +208,59 @@ def test_cli_bad_entry_fails_before_any_model_loads(tmp_path, folders):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "error: --datasets entry 1: image_dir" in result.stderr and "does not exist" in result.stderr
     assert "/nonexistent/model" not in result.stderr
+
+
+def test_bucketing_per_entry(tmp_path):
+    from PIL import Image
+
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    Image.new("RGB", (256, 96), (200, 30, 30)).save(wide / "banner.png")
+    square = write_demo_images(tmp_path / "square", count=1)
+    entries = [{"image_dir": str(wide), "aspect_ratio_bucketing": True}, {"image_dir": str(square)}]
+    flags = ["--pretrained_model_name_or_path", "m", "--instance_prompt", "p", "--output_dir", str(tmp_path / "o")]
+    args = parse_args([*flags, "--resolution", "64", "--bucket_step", "16", "--datasets", json.dumps(entries)])
+    _, sizes = load_entry_records(args, "instance")
+    (width, height), square_size = sizes
+    assert width > height and width % 16 == 0 and height % 16 == 0  # a wide bucket, not the square
+    assert square_size == (64, 64)
+
+
+def test_dataset_entry_with_a_caption_column_and_a_class_dataset(tmp_path):
+    images = write_demo_images(tmp_path / "images", count=2)  # an ImageFolder: metadata.jsonl with "text"
+    real = write_demo_images(tmp_path / "real", count=2, seed=3)
+    entries = [
+        {"dataset_name": str(images), "caption_column": "text", "repeats": 2},
+        {"dataset_name": str(real), "role": "class", "class_prompt": "a photo of a toy"},
+    ]
+    flags = ["--pretrained_model_name_or_path", "m", "--instance_prompt", "p", "--output_dir", str(tmp_path / "o")]
+    args = parse_args([*flags, "--with_prior_preservation", "--resolution", "64", "--datasets", json.dumps(entries)])
+    records, sizes = load_entry_records(args, "instance")
+    captions = [json.loads(line)["text"] for line in (images / "metadata.jsonl").read_text().splitlines()]
+    assert [r.caption for r in records] == captions * 2 and sizes == [(64, 64)] * 4
+    class_records, _ = load_entry_records(args, "class")
+    assert [r.caption for r in class_records] == ["a photo of a toy"] * 2  # not the dataset's captions
+
+
+def test_toml_array_of_tables(tmp_path):
+    a, b = write_demo_images(tmp_path / "A", count=1), write_demo_images(tmp_path / "B", count=1)
+    path = tmp_path / "run.toml"
+    path.write_text(
+        f"""pretrained_model_name_or_path = "m"
+instance_prompt = "a photo of TOK toy"
+output_dir = "{tmp_path / "out"}"
+
+[[datasets]]
+image_dir = "{a}"
+repeats = 2
+
+[[datasets]]
+image_dir = "{b}"
+instance_prompt = "a photo of SKS toy"
+"""
+    )
+    args = parse_args(["--config", str(path)])
+    assert [(e["image_dir"], e["repeats"], e["instance_prompt"]) for e in args.datasets] == [
+        (str(a), 2, None),
+        (str(b), 1, "a photo of SKS toy"),
+    ]

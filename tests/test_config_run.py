@@ -51,8 +51,7 @@ FLAGS = [
 ]
 
 
-@pytest.mark.slow
-def test_resume_with_the_written_config_is_exact(run_training, tmp_path, monkeypatch):
+def test_resume_with_the_written_config_is_exact(run_training, tmp_path, monkeypatch, caplog):
     uninterrupted = run_training(tmp_path / "full", *FLAGS)
 
     real_save = train_module.save_checkpoint
@@ -73,6 +72,7 @@ def test_resume_with_the_written_config_is_exact(run_training, tmp_path, monkeyp
     assert yaml.safe_load(config.read_text())["learning_rate"] == 5e-4
 
     train_from(["--config", str(config), "--resume_from_checkpoint", "latest"])
+    assert "differ from its own" not in caplog.text  # the same flags as the checkpoint's
     assert_same_tensors(lora_file(resumed), lora_file(uninterrupted))
     emb = "resumed_emb.safetensors"
     assert_same_tensors(load_file(resumed / emb), load_file(uninterrupted / "full_emb.safetensors"))
