@@ -80,7 +80,8 @@ def _write_hint(error: Exception) -> str:
 
 @contextlib.contextmanager
 def write_errors(target: Path) -> Iterator[None]:
-    """Turn a failed write of `target` (OSError, or safetensors' SafetensorError) into one WriteError."""
+    """Turn a failed write of `target` (an OSError, or safetensors' SafetensorError for an I/O error) into
+    one WriteError."""
     from safetensors import SafetensorError
 
     try:
@@ -88,6 +89,8 @@ def write_errors(target: Path) -> Iterator[None]:
     except WriteError:
         raise
     except (OSError, SafetensorError) as error:
+        if isinstance(error, SafetensorError) and "IoError" not in str(error):
+            raise  # not the disk: e.g. tensors that share memory, a bug
         raise WriteError(f"Cannot write {target}: {write_failure_reason(error)}. {_write_hint(error)}") from error
 
 
@@ -203,14 +206,16 @@ def final_output_set(output_dir: Path) -> Iterator[Path]:
         holder = _temporary(output_dir / FINAL_SET_NAME)
         staging = holder / output_name(output_dir)
         staging.mkdir()
-        try:
-            yield staging
+    try:
+        yield staging  # the writes inside report their own failures; other errors keep their own type
+        with write_errors(output_dir):
             _sync_tree(holder)
             (holder / SET_COMPLETE_MARKER).touch()
             _fsync(holder)
-        except BaseException:
-            shutil.rmtree(holder, ignore_errors=True)
-            raise
+    except BaseException:
+        shutil.rmtree(holder, ignore_errors=True)
+        raise
+    with write_errors(output_dir):
         move_output_set(holder, output_dir)
 
 
