@@ -223,7 +223,8 @@ def move_output_set(holder: Path, output_dir: Path) -> None:
     """Move a complete staged set into `output_dir`: files replace files; a staged folder of files replaces
     its folder (validation/final), a staged folder of folders is merged (validation). The LoRA file last."""
     staging = holder / output_name(output_dir)
-    (output_dir / LORA_WEIGHTS_NAME).unlink(missing_ok=True)
+    if (staging / LORA_WEIGHTS_NAME).exists():  # else it was moved in already, by a run killed afterwards
+        (output_dir / LORA_WEIGHTS_NAME).unlink(missing_ok=True)
     entries = sorted(staging.iterdir(), key=lambda p: p.name == LORA_WEIGHTS_NAME)
     for entry in entries:
         _move_entry(entry, output_dir / entry.name)
@@ -232,6 +233,8 @@ def move_output_set(holder: Path, output_dir: Path) -> None:
 
 
 def _move_entry(source: Path, target: Path) -> None:
+    if source.is_dir() and not any(source.iterdir()):
+        return  # its contents were moved in already, by a run killed afterwards
     if source.is_dir() and any(child.is_dir() for child in source.iterdir()):
         target.mkdir(exist_ok=True)
         for child in source.iterdir():
