@@ -80,7 +80,8 @@ def _write_hint(error: Exception) -> str:
 
 @contextlib.contextmanager
 def write_errors(target: Path) -> Iterator[None]:
-    """Turn a failed write of `target` (OSError, or safetensors' SafetensorError) into one WriteError."""
+    """Turn a failed write of `target` (an OSError, or safetensors' SafetensorError for an I/O error) into
+    one WriteError."""
     from safetensors import SafetensorError
 
     try:
@@ -88,6 +89,8 @@ def write_errors(target: Path) -> Iterator[None]:
     except WriteError:
         raise
     except (OSError, SafetensorError) as error:
+        if isinstance(error, SafetensorError) and "IoError" not in str(error):
+            raise  # not the disk: e.g. tensors that share memory, a bug
         raise WriteError(f"Cannot write {target}: {write_failure_reason(error)}. {_write_hint(error)}") from error
 
 
@@ -203,14 +206,16 @@ def final_output_set(output_dir: Path) -> Iterator[Path]:
         holder = _temporary(output_dir / FINAL_SET_NAME)
         staging = holder / output_name(output_dir)
         staging.mkdir()
-        try:
-            yield staging
+    try:
+        yield staging  # the writes inside report their own failures; other errors keep their own type
+        with write_errors(output_dir):
             _sync_tree(holder)
             (holder / SET_COMPLETE_MARKER).touch()
             _fsync(holder)
-        except BaseException:
-            shutil.rmtree(holder, ignore_errors=True)
-            raise
+    except BaseException:
+        shutil.rmtree(holder, ignore_errors=True)
+        raise
+    with write_errors(output_dir):
         move_output_set(holder, output_dir)
 
 
@@ -218,7 +223,8 @@ def move_output_set(holder: Path, output_dir: Path) -> None:
     """Move a complete staged set into `output_dir`: files replace files; a staged folder of files replaces
     its folder (validation/final), a staged folder of folders is merged (validation). The LoRA file last."""
     staging = holder / output_name(output_dir)
-    (output_dir / LORA_WEIGHTS_NAME).unlink(missing_ok=True)
+    if (staging / LORA_WEIGHTS_NAME).exists():  # else it was moved in already, by a run killed afterwards
+        (output_dir / LORA_WEIGHTS_NAME).unlink(missing_ok=True)
     entries = sorted(staging.iterdir(), key=lambda p: p.name == LORA_WEIGHTS_NAME)
     for entry in entries:
         _move_entry(entry, output_dir / entry.name)
@@ -227,6 +233,8 @@ def move_output_set(holder: Path, output_dir: Path) -> None:
 
 
 def _move_entry(source: Path, target: Path) -> None:
+    if source.is_dir() and not any(source.iterdir()):
+        return  # its contents were moved in already, by a run killed afterwards
     if source.is_dir() and any(child.is_dir() for child in source.iterdir()):
         target.mkdir(exist_ok=True)
         for child in source.iterdir():

@@ -212,10 +212,11 @@ def prepare_folders(args: argparse.Namespace, accelerator: Accelerator) -> None:
     if accelerator.is_main_process:
         validation = output_dir / "validation"
         subfolders = sorted(p for p in validation.iterdir() if p.is_dir()) if validation.is_dir() else []
-        for folder in [output_dir, validation, *subfolders, *(f for f in [class_dir] if f is not None)]:
+        ours = [output_dir, validation, *subfolders, *folders.values()]  # where this run writes
+        if class_dir is not None:
+            ours.append(class_dir)
+        for folder in dict.fromkeys(ours):
             remove_temporaries(folder)
-        if args.cache_latents and args.latents_cache_dir:
-            remove_temporaries(Path(args.latents_cache_dir))
         if args.overwrite_output_dir:
             remove_earlier_run(output_dir)
     accelerator.wait_for_everyone()

@@ -75,12 +75,12 @@ class RecordingImage:
     image: Image.Image
     factory: RecordingFactory
 
-    def save(self, handle, format: str) -> None:
+    def save(self, path: Path, format: str) -> None:
         if self.factory.saves == self.factory.interrupt_at_save:
-            handle.write(b"\x89PNG\r\n\x1a\n half an image")
+            Path(path).write_bytes(b"\x89PNG\r\n\x1a\n half an image")
             raise Interrupted
         self.factory.saves += 1
-        self.image.save(handle, format=format)
+        self.image.save(path, format=format)
 
 
 def generate(folder: Path, factory, **overrides) -> list[Path]:

@@ -98,6 +98,10 @@ def test_a_read_only_folder_is_found_by_the_check(read_only_folder):
     assert hidden(read_only_folder.parent / "writable" / "deep") == []
 
 
+# Above Linux's PID_MAX_LIMIT (2**22): no running process has it.
+NO_SUCH_PID = 2**22 + 1
+
+
 def write_set(staging: Path, lora: str = "new") -> None:
     save_text(lora, staging / LORA_WEIGHTS_NAME)
     save_text("kohya", staging / "run.safetensors")
@@ -155,8 +159,19 @@ def test_a_kill_while_moving_the_set_in_is_finished_by_the_next_run(tmp_path, mo
     assert hidden(out) == []
 
 
-# Above Linux's PID_MAX_LIMIT (2**22): no running process has it.
-NO_SUCH_PID = 2**22 + 1
+def test_a_kill_after_the_set_moved_in_loses_nothing(tmp_path):
+    """Killed after the last move, before the staging folder was removed: the next run only removes it."""
+    out = tmp_path / "run"
+    (out / "validation" / "step-1").mkdir(parents=True)
+    (out / "validation" / "final").mkdir()
+    (out / "validation" / "final" / "0.png").write_text("png")
+    (out / LORA_WEIGHTS_NAME).write_text("new")
+    holder = out / f".{export.FINAL_SET_NAME}.partial-{NO_SUCH_PID}-ab"
+    (holder / "run" / "validation").mkdir(parents=True)  # what moving in leaves: empty folders
+    (holder / export.SET_COMPLETE_MARKER).touch()
+    remove_temporaries(out)
+    assert (out / LORA_WEIGHTS_NAME).read_text() == "new" and (out / "validation" / "final" / "0.png").exists()
+    assert (out / "validation" / "step-1").is_dir() and hidden(out) == []
 
 
 def test_only_our_temporaries_of_dead_processes_are_removed(tmp_path):

@@ -16,10 +16,14 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parents[1]
 
 
-def torchrun(output_dir: Path, model: Path, images: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONPATH": str(REPO)}
+def launch(launcher: list[str], output_dir: Path, model: Path, images: Path, *extra: str, cpu: bool = True):
+    """Run the training script with two processes under `launcher`; ACCELERATE_USE_CPU=1 unless not `cpu`."""
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "PYTHONPATH": str(REPO)}
+    env.pop("ACCELERATE_USE_CPU", None)
+    if cpu:
+        env["ACCELERATE_USE_CPU"] = "1"
     command = [
-        *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"),
+        *launcher,
         str(REPO / "train_dreambooth_lora_sdxl_advanced.py"),
         *("--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(images)),
         *("--instance_prompt", "a photo of TOK toy", "--output_dir", str(output_dir), "--resolution", "64"),
@@ -28,7 +32,14 @@ def torchrun(output_dir: Path, model: Path, images: Path, *extra: str) -> subpro
         *("--train_text_encoder_ti", "--text_encoder_lr", "1e-2"),
         *extra,
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+
+
+def torchrun(output_dir: Path, model: Path, images: Path, *extra: str) -> subprocess.CompletedProcess:
+    result = launch(TORCHRUN, output_dir, model, images, *extra)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
@@ -80,3 +91,33 @@ def test_two_processes_train_and_resume_loha_with_block_learning_rates(tiny_mode
         right = {key.replace(".resumed.", ".full."): value for key, value in right.items()}
         assert left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left), name
     assert any(key.endswith(".hada_t1") for key in left), "Tucker form of the convolutions"
+
+
+@pytest.mark.slow
+def test_processes_that_did_not_form_a_group_are_refused(tiny_model, demo_images, tmp_path):
+    """Without GPUs and without ACCELERATE_USE_CPU=1, each process would train alone into the same folder."""
+    result = launch(TORCHRUN, tmp_path / "run", tiny_model, demo_images, cpu=False)
+    assert result.returncode != 0
+    assert result.stderr.count("error: 2 processes were launched (WORLD_SIZE=2)") == 2, result.stderr[-4000:]
+    assert "Traceback" not in result.stderr.split("error: 2 processes")[0]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_the_readme_cpu_command_trains_with_two_processes(tiny_model, demo_images, tmp_path):
+    """README's `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 ...`."""
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    accelerate += [
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29518",
+    ]
+    result = launch(accelerate, tmp_path / "run", tiny_model, demo_images, "--max_train_steps", "2")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "x 2 processes" in result.stderr
+    assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
