@@ -24,6 +24,7 @@ import torch
 from peft import LoraConfig, PeftConfig
 
 from ..export import LORA_WEIGHTS_NAME, atomic_path
+from ..safetensors_order import sort_metadata
 from .families import PeftLora, live_peft, peft_modules
 from .names import canonical_clip_path, clip_path_in, layout_free_clip_pattern
 
@@ -125,6 +126,7 @@ def save_diffusers_peft(path: Path, loras: Mapping[str, PeftLora]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as temporary:
         StableDiffusionXLPipeline.save_lora_weights(temporary.parent, **layers, **metadata, weight_name=temporary.name)
+        sort_metadata(temporary)
     return path
 
 
