@@ -104,3 +104,23 @@ def test_card_warns_a1111_users_off_dora_and_comfyui_users_off_lokr_tucker():
         None,
     )
     assert "ComfyUI and Forge fail to apply LoKr's Tucker form" in text
+
+
+def test_example_script_generates_with_every_file_family(run_training, tiny_model, tmp_path):
+    """examples/generate.py loads through `load_for_diffusers`: a LoKr run with pivotal tuning (which diffusers'
+    `load_lora_weights` refuses) gives an image and its tokens."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    out = run_training(tmp_path / "tok-toy", "--adapter", "lokr", "--train_text_encoder_ti", *STEP)
+    script = Path(__file__).resolve().parent.parent / "examples" / "generate.py"
+    sample = tmp_path / "sample.png"
+    argv = ["--model", str(tiny_model), "--lora", str(out), "--prompt", "a photo of <s0><s1> toy"]
+    argv += ["--output", str(sample), "--steps", "2", "--resolution", "64"]
+    done = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "new tokens: <s0> <s1>" in done.stdout
+    assert Image.open(sample).size == (64, 64)
