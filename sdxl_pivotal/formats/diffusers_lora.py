@@ -9,8 +9,8 @@ tensor names.
 
 The first text encoder's keys are written as every published SDXL LoRA writes them, under `text_model.`
 (`text_encoder.text_model.encoder.layers.0...`), whichever transformers layout is installed (transformers 5's
-`CLIPTextModel` has no `text_model` level); `load.py` maps them onto the installed layout. Metadata is written in
-a fixed order, so the same adapters give the same bytes.
+`CLIPTextModel` has no `text_model` level); reading with `models` maps them onto those models' layout. Metadata is
+written in a fixed order (sorted sets and keys), so the same adapters give the same bytes.
 """
 
 from __future__ import annotations
