@@ -44,8 +44,7 @@ def diffusers_code(args: argparse.Namespace, tokens: PivotalTokens | None, repo_
     prompt = tokens.substitute(args.instance_prompt) if tokens else args.instance_prompt
     clip_skip = f", clip_skip={args.clip_skip}" if args.clip_skip is not None else ""
     exact = diffusers_reads_exactly(Path(args.output_dir) / LORA_WEIGHTS_NAME)
-    loading = diffusers_loading_code(args, tokens, repo_id) if exact else our_loading_code(args, tokens, repo_id)
-    imports, body = loading
+    imports, body = (diffusers_loading_code if exact else our_loading_code)(args, tokens, repo_id)
     lines = [
         "import torch",
         "from diffusers import StableDiffusionXLPipeline",
@@ -114,45 +113,69 @@ def our_loading_code(
 
 
 def ui_instructions(args: argparse.Namespace, tokens: PivotalTokens | None) -> str:
-    """Steps for AUTOMATIC1111 / SD.Next / Forge and ComfyUI, which load the kohya file of the run."""
+    """What AUTOMATIC1111, Forge and ComfyUI each do with the run's kohya file and embeddings: folders, trigger
+    words, and what each does not do (A1111's DoRA, Forge's bundled embeddings, ComfyUI's "lora key not loaded")."""
     from .formats.kohya import embedding_name, kohya_file_name
 
     name = output_name(args.output_dir)
     kohya, emb_file = kohya_file_name(name), embeddings_file_name(args.output_dir)
+    emb_name = emb_file.removesuffix(".safetensors")
+    bundled = bool(tokens) and args.bundle_embeddings
     prompt = args.instance_prompt
-    a1111_prompt, comfy_prompt = prompt, prompt
+    first = None
     if tokens:
         # The UIs register one embedding holding every new token: the first abstraction stands for all.
         first, *others = tokens.by_abstraction
-        bundled = embedding_name(name) if args.bundle_embeddings else emb_file.removesuffix(".safetensors")
         for other in others:
             prompt = " ".join(prompt.replace(other, "").split())
-        a1111_prompt = prompt.replace(first, bundled)
-        comfy_prompt = prompt.replace(first, f"embedding:{emb_file.removesuffix('.safetensors')}")
-    a1111_embedding = ""
-    if tokens and not args.bundle_embeddings:
-        a1111_embedding = f" Copy `{emb_file}` into `embeddings/`."
-    elif tokens:
-        a1111_embedding = f" The new embeddings are bundled in that file and load as the embedding `{bundled}`."
-    comfy_embedding = f" Copy `{emb_file}` into `models/embeddings/`." if tokens else ""
+
+    def trigger(word: str) -> str:
+        return prompt.replace(first, word) if first else prompt
+
+    a1111_word = embedding_name(name) if bundled else emb_name
+    lora_tag = f"<lora:{name}:1>"
     if args.use_dora:
-        return f"""## Use it in ComfyUI or Forge
+        a1111 = (
+            "**not for this model:** A1111 normalises DoRA's weights over input channels, this model's (PEFT's) "
+            "are normalised over output channels; it loads the file without an error and applies other weights."
+        )
+    else:
+        a1111 = f"copy `{kohya}` into `models/Lora/`."
+        if bundled:
+            a1111 += f" The embeddings are bundled in it and register as the embedding `{a1111_word}`."
+        elif tokens:
+            a1111 += f" Copy `{emb_file}` into `embeddings/`: it registers as the embedding `{a1111_word}`."
+        a1111 += f" Prompt: `{trigger(a1111_word)} {lora_tag}`"
+    forge = f"copy `{kohya}` into `models/Lora/`."
+    if tokens:
+        copy = f"`{emb_file}` into `embeddings/`; it registers as the embedding `{emb_name}`."
+        forge += f" Forge does not load the bundled embeddings: copy {copy}" if bundled else f" Copy {copy}"
+    forge += f" Prompt: `{trigger(emb_name)} {lora_tag}`"
+    comfy = f"copy `{kohya}` into `models/loras/` and add a *Load LoRA* node (model and CLIP)."
+    if tokens:
+        comfy += f" Copy `{emb_file}` into `models/embeddings/`."
+    if bundled:
+        comfy += (
+            ' ComfyUI does not read the bundled embeddings and prints "lora key not loaded" for their two keys '
+            f"(`bundle_emb.{embedding_name(name)}.clip_l`, `.clip_g`); that is harmless."
+        )
+    comfy += f" Prompt: `{trigger(f'embedding:{emb_name}')}`"
+    if args.use_dora:
+        applied = "Forge and ComfyUI apply this model's DoRA exactly (at strength 1); AUTOMATIC1111 does not"
+    elif args.adapter == "lokr" and args.use_effective_conv2d and args.conv_rank:
+        applied = (
+            "AUTOMATIC1111 applies the trained weights; ComfyUI and Forge fail to apply LoKr's Tucker form of the "
+            "3x3 convolutions (`--use_effective_conv2d`)"
+        )
+    else:
+        applied = "all three apply the trained weights"
+    return f"""## Use it in AUTOMATIC1111, Forge or ComfyUI
 
-Copy `{kohya}` into `models/loras/` (ComfyUI) or `models/Lora/` (Forge).{comfy_embedding}
-Prompt: `{comfy_prompt}` (Forge: `{a1111_prompt} <lora:{name}:1>`). The file's DoRA magnitudes are in the form
-ComfyUI and Forge apply: at strength 1 they reproduce this model exactly.
+The file for them is `{kohya}` ({args.adapter}, kohya / LyCORIS keys): {applied}.
 
-**Not for AUTOMATIC1111:** its DoRA normalises the weights over input channels, this model's (PEFT's) over
-output channels; no file gives A1111 this model's weights. Use ComfyUI, Forge or diffusers.
-"""
-    return f"""## Use it in AUTOMATIC1111 / SD.Next / Forge
-
-Copy `{kohya}` into `models/Lora/`.{a1111_embedding} Prompt: `{a1111_prompt} <lora:{name}:1>`
-
-## Use it in ComfyUI
-
-Copy `{kohya}` into `models/loras/` and add a *Load LoRA* node (model and CLIP).{comfy_embedding}
-Prompt: `{comfy_prompt}`
+- **AUTOMATIC1111:** {a1111}
+- **Forge:** {forge}
+- **ComfyUI:** {comfy}
 """
 
 

@@ -158,8 +158,11 @@ def atomic_path(path: Path) -> Iterator[Path]:
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
     from safetensors.torch import save_file
 
+    from .safetensors_order import sort_metadata
+
     with atomic_path(path) as temporary:
         save_file(tensors, temporary, metadata=metadata)
+        sort_metadata(temporary)
     return path
 
 

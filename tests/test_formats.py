@@ -523,3 +523,18 @@ def test_the_same_run_writes_the_same_bytes(tiny_model, demo_images, tmp_path):
     assert runs["1"].keys() == runs["2"].keys()
     for name, content in runs["1"].items():
         assert content == runs["2"][name], name
+
+
+def test_two_saves_of_the_same_adapters_are_byte_identical(dora_pipeline, tmp_path):
+    """safetensors writes its metadata in a different order at each save (a Rust HashMap): ours is sorted."""
+    models = {part: getattr(dora_pipeline, part) for part in PARTS}
+    tokens = PivotalTokens.from_flags("TOK", 2)
+    embeddings = {"clip_l": torch.ones(2, 32), "clip_g": torch.ones(2, 64)}
+    for name in ("a", "b"):
+        save_diffusers_lora(tmp_path / name, models)
+        save_kohya_lora(tmp_path / name, models, "run", "base", embeddings, tokens)
+    first, second = saved_files(tmp_path / "a"), saved_files(tmp_path / "b")
+    assert first.keys() == {LORA_WEIGHTS_NAME, "run.safetensors"} and first == second
+    for content in first.values():
+        header = json.loads(content[8 : 8 + int.from_bytes(content[:8], "little")])
+        assert list(header["__metadata__"]) == sorted(header["__metadata__"])

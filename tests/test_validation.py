@@ -109,7 +109,7 @@ def test_model_card_has_tokens_code_and_samples(run_training, tmp_path):
     assert 'image = pipe("a photo of <s0><s1> toy", clip_skip=1)' in card
     assert "url: validation/final/0.png" in card and "![sample 1](validation/final/1.png)" in card
     # AUTOMATIC1111 and ComfyUI load the kohya file of the run; the trigger is the embedding's name there.
-    assert "Copy `tok-toy.safetensors` into `models/Lora/`" in card
+    assert "copy `tok-toy.safetensors` into `models/Lora/`" in card
     assert "`a photo of tok-toy toy <lora:tok-toy:1>`" in card
     assert "Copy `tok-toy_emb.safetensors` into `models/embeddings/`" in card
     assert "`a photo of embedding:tok-toy_emb toy`" in card
@@ -149,7 +149,7 @@ def test_model_card_code_loads_lokr_and_warns_a1111_users_off_dora(run_training,
 
     dora = run_training(tmp_path / "dora", "--max_train_steps", "1", "--use_dora")
     card = (dora / "README.md").read_text()
-    assert "Not for AUTOMATIC1111" in card and "## Use it in ComfyUI or Forge" in card
+    assert "- **AUTOMATIC1111:** **not for this model:**" in card and "apply this model's DoRA exactly" in card
 
 
 @pytest.mark.parametrize(

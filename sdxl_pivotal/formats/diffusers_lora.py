@@ -9,8 +9,8 @@ tensor names.
 
 The first text encoder's keys are written as every published SDXL LoRA writes them, under `text_model.`
 (`text_encoder.text_model.encoder.layers.0...`), whichever transformers layout is installed (transformers 5's
-`CLIPTextModel` has no `text_model` level); `load.py` maps them onto the installed layout. Metadata is written in
-a fixed order, so the same adapters give the same bytes.
+`CLIPTextModel` has no `text_model` level); reading with `models` maps them onto those models' layout. Metadata is
+written in a fixed order (sorted sets and keys), so the same adapters give the same bytes.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 from peft import LoraConfig, PeftConfig
 
 from ..export import LORA_WEIGHTS_NAME, atomic_path
+from ..safetensors_order import sort_metadata
 from .families import PeftLora, live_peft, peft_modules
 from .names import canonical_clip_path, clip_path_in, layout_free_clip_pattern
 
@@ -125,6 +126,7 @@ def save_diffusers_peft(path: Path, loras: Mapping[str, PeftLora]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as temporary:
         StableDiffusionXLPipeline.save_lora_weights(temporary.parent, **layers, **metadata, weight_name=temporary.name)
+        sort_metadata(temporary)
     return path
 
 
