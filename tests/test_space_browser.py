@@ -230,9 +230,10 @@ def check_lora_loads(tiny_model: Path, folder: Path) -> None:
 
     from sdxl_pivotal.formats import load_for_diffusers
 
-    embeddings = load_file(folder / "my-lora_emb.safetensors")
-    assert embeddings["clip_l"].shape == (2, 768) and embeddings["clip_g"].shape[0] == 2
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model, dtype=torch.float32)
+    embeddings = load_file(folder / "my-lora_emb.safetensors")
+    assert embeddings["clip_l"].shape == (2, pipe.text_encoder.config.hidden_size)  # two new tokens for TOK
+    assert embeddings["clip_g"].shape == (2, pipe.text_encoder_2.config.hidden_size)
     assert load_for_diffusers(pipe, folder) == ["<s0>", "<s1>"]
     for tokenizer in (pipe.tokenizer, pipe.tokenizer_2):
         assert tokenizer.convert_tokens_to_ids("<s0>") != tokenizer.unk_token_id

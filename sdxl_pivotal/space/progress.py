@@ -13,6 +13,7 @@ import pandas as pd
 from ..monitor import read_metrics
 
 STEP_FOLDER = re.compile(r"^step-(\d+)$")
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 @dataclass
@@ -82,8 +83,9 @@ def validation_images(output_dir: Path) -> list[tuple[str, str]]:
 
 
 def log_tail(path: Path, lines: int = 15) -> str:
-    """The last lines of the run's log (progress-bar redraws split into lines)."""
+    """The last lines of the run's log (progress-bar redraws split into lines, terminal escapes removed)."""
     if not path.is_file():
         return ""
     text = path.read_bytes()[-20000:].decode("utf-8", errors="replace").replace("\r", "\n")
+    text = ANSI_ESCAPE.sub("", text)  # progress bars' cursor moves
     return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])

@@ -321,7 +321,7 @@ class SpaceApp:
                         widgets[action.dest] = setting_component(action, start_values.get(action.dest, action.default))
             inputs = [widgets[d] for d in self.dests]
             command_box = gr.Code(
-                language="shell", label="The command the app will run", elem_id="command", wrap_lines=True
+                language="shell", label="The command the app will run", elem_id="command", wrap_lines=True, max_lines=8
             )
 
             gr.Markdown("## 5. Estimate")
@@ -344,11 +344,20 @@ class SpaceApp:
                 loss_plot = gr.LinePlot(
                     x="step", y="loss", color="series", label="Loss", elem_id="loss-plot", height=260
                 )
-                gallery = gr.Gallery(label="Validation images by step", columns=6, height=240, elem_id="validation")
+                gallery = gr.Gallery(
+                    label="Validation images by step",
+                    columns=8,
+                    height=220,
+                    object_fit="contain",
+                    preview=False,
+                    elem_id="validation",
+                )
                 log = gr.Code(label="Log (last lines)", elem_id="log", lines=10)
 
             gr.Markdown("## 7. Results")
-            final_gallery = gr.Gallery(label="Final samples", columns=4, height=200, elem_id="final")
+            final_gallery = gr.Gallery(
+                label="Final samples", columns=8, height=200, object_fit="contain", preview=False, elem_id="final"
+            )
             download = gr.DownloadButton("Download the LoRA (zip)", visible=False, elem_id="download")
             with gr.Row():
                 try_prompt = gr.Textbox("a photo of TOK on the beach", label="Try it: prompt (TOK = your concept)")
