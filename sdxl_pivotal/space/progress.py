@@ -58,10 +58,10 @@ def read_progress(output_dir: Path) -> Progress:
     return progress
 
 
-def loss_frame(output_dir: Path, smoothing: float = 0.8) -> pd.DataFrame:
+def loss_frame(output_dir: Path | None, smoothing: float = 0.8) -> pd.DataFrame:
     """Loss per step, raw and smoothed (exponential moving average, debiased as TensorBoard does), in the long
-    form a line plot colours by `series`."""
-    steps = [r for r in read_metrics(output_dir) if "event" not in r]
+    form a line plot colours by `series`; empty without a run."""
+    steps = [r for r in read_metrics(output_dir) if "event" not in r] if output_dir else []
     rows, average = [], 0.0
     for i, record in enumerate(steps, start=1):
         average = smoothing * average + (1 - smoothing) * record["loss"]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import gradio as gr
 import torch
+from PIL import Image
 
 from ..args import build_parser, parse_args
 from ..caption import DEFAULT_MODEL, Captioner, with_concept
@@ -154,8 +155,6 @@ class SpaceApp:
         concept = PRESETS[preset].concept
         position = PRESETS[preset].caption_position
         for image in list_images(Path(folder) / "images"):
-            from PIL import Image
-
             with Image.open(image) as opened:
                 text = captioner.caption([opened])[0]
             write_caption(image, with_concept(text, concept, position))
@@ -194,7 +193,7 @@ class SpaceApp:
         """Everything the training and results sections show, from the run's files."""
         if not run_id or run_id not in self.manager.runs:
             empty = "<div id='progress-text'>no run yet</div>"
-            return "No run yet.", empty, loss_frame(Path("/nonexistent")), [], "", gr.update(), []
+            return "No run yet.", empty, loss_frame(None), [], "", gr.update(), []
         run = self.manager.runs[run_id]
         position = self.manager.position(run_id)
         status = STATUS_TEXT[run.status]
@@ -342,7 +341,13 @@ class SpaceApp:
                 control_message = gr.Markdown(elem_id="control-message")
                 progress = gr.HTML(elem_id="progress")
                 loss_plot = gr.LinePlot(
-                    x="step", y="loss", color="series", label="Loss", elem_id="loss-plot", height=260
+                    x="step",
+                    y="loss",
+                    color="series",
+                    color_map={"loss": "#4c78a8", "smoothed": "#f58518"},
+                    label="Loss (blue: per step, orange: smoothed)",
+                    elem_id="loss-plot",
+                    height=300,
                 )
                 gallery = gr.Gallery(
                     label="Validation images by step",
@@ -350,13 +355,20 @@ class SpaceApp:
                     height=220,
                     object_fit="contain",
                     preview=False,
+                    fit_columns=False,
                     elem_id="validation",
                 )
                 log = gr.Code(label="Log (last lines)", elem_id="log", lines=10)
 
             gr.Markdown("## 7. Results")
             final_gallery = gr.Gallery(
-                label="Final samples", columns=8, height=200, object_fit="contain", preview=False, elem_id="final"
+                label="Final samples",
+                columns=8,
+                height=200,
+                object_fit="contain",
+                preview=False,
+                fit_columns=False,
+                elem_id="final",
             )
             download = gr.DownloadButton("Download the LoRA (zip)", visible=False, elem_id="download")
             with gr.Row():
