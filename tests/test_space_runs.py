@@ -70,6 +70,23 @@ def test_a_run_without_final_files_failed_and_resumes_with_latest(tmp_path):
         manager.resume(run.id)
 
 
+def test_runs_of_an_earlier_app_process_are_known_and_resumable(tmp_path):
+    manager = RunManager()
+    done = manager.submit(*fake_command(tmp_path, "run-1"))
+    assert manager.wait(done.id, 60) == "finished"
+    interrupted = manager.submit(*fake_command(tmp_path, "run-2"))
+    interrupted.process.kill()  # as if the app process had died with it
+    manager.wait(interrupted.id, 60)
+    (interrupted.folder / "run.json").write_text(
+        json.dumps({"id": "run-2", "command": interrupted.command, "status": "running", "returncode": None})
+    )
+    restarted = RunManager()
+    restarted.load_runs(tmp_path)
+    assert {i: r.status for i, r in restarted.runs.items()} == {"run-1": "finished", "run-2": "failed"}
+    restarted.resume("run-2")
+    assert restarted.wait("run-2", 60) == "finished"
+
+
 def test_progress_loss_and_validation_images_from_the_run_files(tmp_path):
     monitor = TrainingMonitor(tmp_path, images_per_step=4)
     monitor.start(0, 10)

@@ -101,6 +101,7 @@ class SpaceApp:
         self.num_gpus = torch.cuda.device_count()
         self.tiny_model = ensure_tiny_model(cache_dir)
         self.manager = RunManager()
+        self.manager.load_runs(self.runs_root)
         self.try_it = TryIt()
         self.actions = cmd.trainer_actions()
         self.advanced = cmd.advanced_sections()
