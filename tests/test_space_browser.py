@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from sdxl_pivotal.space.presets import PRESETS, repeats
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless",
@@ -133,6 +135,8 @@ def test_train_in_the_browser(app_url, page, tmp_path, demo_images, tiny_model):
     expect(page.locator("#flag-instance_prompt textarea")).to_have_value("in the style of TOK")
     page.locator("#preset").get_by_text("object", exact=True).click()
     expect(page.locator("#flag-instance_prompt textarea")).to_have_value("a photo of TOK")
+    expect(page.locator("#flag-max_train_steps input")).to_have_value(str(PRESETS["object"].steps(6)))
+    expect(page.locator("#flag-repeats input")).to_have_value(str(repeats(6)))
 
     # 3. The captioner cannot load offline: a clear message; then captions by hand.
     page.locator("#caption-all").click()

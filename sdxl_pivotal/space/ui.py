@@ -143,7 +143,7 @@ class SpaceApp:
         report = add_uploads(files or [], folder / "images")
         count = len(list_images(folder / "images"))
         lines = [f"Added {len(report.accepted)} image(s); {count} in this run."]
-        lines += [f"- ❌ {message}" for message in report.rejected]
+        lines += [f"- {message}" for message in report.rejected]
         return str(folder), version + 1, "\n".join(lines), None
 
     def caption_all(self, folder, version, model_id, preset):
@@ -387,15 +387,22 @@ class SpaceApp:
             push_message = gr.Markdown(elem_id="push-message")
 
             # --- events ---
-            files.upload(self.upload, [files, folder, version], [folder, version, upload_message, files])
+            upload_event = files.upload(
+                self.upload, [files, folder, version], [folder, version, upload_message, files]
+            )
             caption_button.click(
                 self.caption_all, [folder, version, caption_model, preset], [version, caption_message]
             )
+            # The preset's values follow the preset and the number of images; the model's starting values the model.
             preset_outputs = [widgets[d] for d in preset_settings("object", 0)]
-            preset.change(
-                lambda p, f: list(preset_settings(p, len(list_images(Path(f) / "images")) if f else 0).values()),
-                [preset, folder],
-                preset_outputs,
+            preset.change(preset_values, [preset, folder], preset_outputs)
+            upload_event.then(preset_values, [preset, folder], preset_outputs)
+            model_outputs = [widgets[d] for d in defaults]
+            model_widget = widgets["pretrained_model_name_or_path"]
+            model_widget.change(
+                lambda model: list(app_defaults(self.has_gpu, model == TINY_LABEL).values()),
+                model_widget,
+                model_outputs,
             )
             # One listener for every setting (a listener per widget would make the page config huge).
             gr.on(
@@ -417,6 +424,12 @@ class SpaceApp:
             push_button.click(self.push, [run_id, repo, private, token], [push_message, token])
             demo.load(self.on_load, run_id, run_id)
         return demo
+
+
+def preset_values(preset: str, folder: str | None) -> list:
+    """The preset's settings for the images uploaded so far, in `preset_settings` order."""
+    count = len(list_images(Path(folder) / "images")) if folder else 0
+    return list(preset_settings(preset, count).values())
 
 
 def caption_writer(path: Path):
