@@ -31,6 +31,7 @@ CHROMIUM_ARGS = [
 ]
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 200
+TOKEN = "hf_FAKEtokenThatMustNeverBeShown123"
 TIMEOUT_MS = 240_000
 
 pytestmark = pytest.mark.slow
@@ -233,6 +234,17 @@ def test_train_in_the_browser(app_url, page, tmp_path, demo_images, tiny_model):
     expect(page.locator("#try-message")).to_contain_text("<s0><s1>")
     expect(page.locator("#try-image img")).to_be_visible()
     shot("06-try-it")
+
+    # 10. Push with a token: offline here, so it fails; the token is not echoed, kept in the page, or written.
+    page.locator("#hub-repo textarea").fill("someone/my-lora")
+    page.locator("#hub-token input").fill(TOKEN)
+    page.locator("#push").click()
+    expect(page.locator("#push-message")).to_contain_text("Push failed")
+    expect(page.locator("#hub-token input")).to_have_value("")
+    assert TOKEN not in page.content()
+    for path in (tmp_path / "runs").rglob("*"):
+        assert path.is_dir() or TOKEN.encode() not in path.read_bytes(), path
+    assert TOKEN not in (tmp_path / "app.log").read_text()
     if os.environ.get("SPACE_SCREENSHOT"):
         with Image.open(shots / "training-section.png") as image:  # 64 colours: a small file for the README
             image.convert("RGB").quantize(colors=64).save(REPO / "docs" / "space.png", optimize=True)

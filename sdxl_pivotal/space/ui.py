@@ -380,7 +380,7 @@ class SpaceApp:
             try_image = gr.Image(label="Generated", elem_id="try-image", height=256)
             try_message = gr.Markdown(elem_id="try-message")
             with gr.Row():
-                repo = gr.Textbox(label="Hub repo id", placeholder="your-name/my-lora")
+                repo = gr.Textbox(label="Hub repo id", placeholder="your-name/my-lora", elem_id="hub-repo")
                 private = gr.Checkbox(True, label="private")
                 token = gr.Textbox(label="Hub token (else HF_TOKEN)", type="password", elem_id="hub-token")
                 push_button = gr.Button("Push to the Hub", elem_id="push")
