@@ -97,7 +97,7 @@ def coerce(action: argparse.Action, value):
 
 def flag_arguments(action: argparse.Action, value) -> list[str]:
     """The command-line words for one setting; none when it is the trainer's default."""
-    if value is None or value == action.default:
+    if value is None or value == coerce(action, action.default):
         return []
     flag = action.option_strings[0]
     if is_bool(action):

@@ -13,6 +13,7 @@ import pandas as pd
 from ..monitor import read_metrics
 
 STEP_FOLDER = re.compile(r"^step-(\d+)$")
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 @dataclass
@@ -57,10 +58,10 @@ def read_progress(output_dir: Path) -> Progress:
     return progress
 
 
-def loss_frame(output_dir: Path, smoothing: float = 0.8) -> pd.DataFrame:
+def loss_frame(output_dir: Path | None, smoothing: float = 0.8) -> pd.DataFrame:
     """Loss per step, raw and smoothed (exponential moving average, debiased as TensorBoard does), in the long
-    form a line plot colours by `series`."""
-    steps = [r for r in read_metrics(output_dir) if "event" not in r]
+    form a line plot colours by `series`; empty without a run."""
+    steps = [r for r in read_metrics(output_dir) if "event" not in r] if output_dir else []
     rows, average = [], 0.0
     for i, record in enumerate(steps, start=1):
         average = smoothing * average + (1 - smoothing) * record["loss"]
@@ -82,8 +83,9 @@ def validation_images(output_dir: Path) -> list[tuple[str, str]]:
 
 
 def log_tail(path: Path, lines: int = 15) -> str:
-    """The last lines of the run's log (progress-bar redraws split into lines)."""
+    """The last lines of the run's log (progress-bar redraws split into lines, terminal escapes removed)."""
     if not path.is_file():
         return ""
     text = path.read_bytes()[-20000:].decode("utf-8", errors="replace").replace("\r", "\n")
+    text = ANSI_ESCAPE.sub("", text)  # progress bars' cursor moves
     return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])

@@ -51,7 +51,7 @@ class TryIt:
         key = (model, str(output_dir))
         if self.key != key:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-            dtype = torch.float16 if device == "cuda" else torch.float32
+            dtype = torch.bfloat16 if device == "cuda" else torch.float32  # SDXL's VAE overflows in fp16
             pipe = StableDiffusionXLPipeline.from_pretrained(model, dtype=dtype, use_safetensors=True)
             load_for_diffusers(pipe, output_dir)
             pipe.set_progress_bar_config(disable=True)

@@ -82,6 +82,17 @@ class RunManager:
         self.active: Run | None = None
         self.lock = threading.Lock()
 
+    def load_runs(self, root: Path) -> None:
+        """Know the runs an earlier app process left in `root` (their `run.json`); one that was queued or running
+        when that process ended is marked failed, so it can be resumed."""
+        for record_path in sorted(root.glob("run-*/run.json")):
+            record = json.loads(record_path.read_text(encoding="utf-8"))
+            run = Run(record["id"], record_path.parent, record["command"], record["status"], record["returncode"])
+            if run.status in ("queued", "running"):
+                run.status = "failed"
+                run.save()
+            self.runs[run.id] = run
+
     def submit(self, folder: Path, command: list[str]) -> Run:
         run = Run(id=folder.name, folder=folder, command=command)
         with self.lock:

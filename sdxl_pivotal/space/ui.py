@@ -13,8 +13,9 @@ from pathlib import Path
 
 import gradio as gr
 import torch
+from PIL import Image
 
-from ..args import build_parser
+from ..args import build_parser, parse_args
 from ..caption import DEFAULT_MODEL, Captioner, with_concept
 from ..errors import InputError
 from ..tiny import save_tiny_sdxl
@@ -78,9 +79,10 @@ def setting_component(action: argparse.Action, value) -> gr.components.Component
     if action.choices:
         value = action.type(value) if value is not None and callable(action.type) else value
         return gr.Dropdown(choices=list(action.choices), value=value, label=label, info=info, elem_id=elem_id)
-    if action.type in (int, float):
+    if action.type in (int, float) and value is not None:
         precision = 0 if action.type is int else None
         return gr.Number(value=value, label=label, info=info, precision=precision, elem_id=elem_id)
+    # Text, and numbers whose default is "not set": empty means the trainer's default.
     return gr.Textbox(value="" if value is None else str(value), label=label, info=info, elem_id=elem_id)
 
 
@@ -99,6 +101,7 @@ class SpaceApp:
         self.num_gpus = torch.cuda.device_count()
         self.tiny_model = ensure_tiny_model(cache_dir)
         self.manager = RunManager()
+        self.manager.load_runs(self.runs_root)
         self.try_it = TryIt()
         self.actions = cmd.trainer_actions()
         self.advanced = cmd.advanced_sections()
@@ -124,16 +127,15 @@ class SpaceApp:
             cmd.trainer_arguments({**settings, **owned}), self.num_gpus, settings.get("mixed_precision"), threads
         )
 
-    def command_text(self, folder, name, *values) -> str:
+    def command_and_estimate(self, folder, name, hardware, *values) -> tuple[str, str]:
+        """The command the app will run, and the estimate for the chosen hardware."""
         try:
-            return cmd.shell_text(self.run_command(folder, name, self.settings(values)))
+            settings = self.settings(values)
+            command = cmd.shell_text(self.run_command(folder, name, settings))
         except (ValueError, KeyError) as error:
-            return f"# invalid setting: {error}"
-
-    def estimate_text(self, hardware: str, *values) -> str:
-        settings = self.settings(values)
+            return f"# invalid setting: {error}", ""
         tiny = settings["pretrained_model_name_or_path"] == str(self.tiny_model)
-        return estimate(settings, tiny, HARDWARE[hardware]).markdown(HARDWARE[hardware])
+        return command, estimate(settings, tiny, HARDWARE[hardware]).markdown(HARDWARE[hardware])
 
     # --- images and captions -------------------------------------------------------------------------------
     def upload(self, files, folder, version):
@@ -141,7 +143,7 @@ class SpaceApp:
         report = add_uploads(files or [], folder / "images")
         count = len(list_images(folder / "images"))
         lines = [f"Added {len(report.accepted)} image(s); {count} in this run."]
-        lines += [f"- ❌ {message}" for message in report.rejected]
+        lines += [f"- {message}" for message in report.rejected]
         return str(folder), version + 1, "\n".join(lines), None
 
     def caption_all(self, folder, version, model_id, preset):
@@ -154,8 +156,6 @@ class SpaceApp:
         concept = PRESETS[preset].concept
         position = PRESETS[preset].caption_position
         for image in list_images(Path(folder) / "images"):
-            from PIL import Image
-
             with Image.open(image) as opened:
                 text = captioner.caption([opened])[0]
             write_caption(image, with_concept(text, concept, position))
@@ -165,10 +165,11 @@ class SpaceApp:
     def start(self, folder, name, *values):
         if not folder or len(list_images(Path(folder) / "images")) < MIN_IMAGES:
             raise gr.Error(f"Upload at least {MIN_IMAGES} images first.")
-        settings = self.settings(values)
-        command = self.run_command(Path(folder), name, settings)
-        try:
-            build_parser().parse_args(cmd.split_launch(command))
+        command = self.run_command(Path(folder), name, self.settings(values))
+        try:  # the trainer's own checks, before anything starts
+            parse_args(cmd.split_launch(command))
+        except InputError as error:
+            raise gr.Error(str(error)) from None
         except SystemExit:
             raise gr.Error("The settings do not form a valid command; see the command box.") from None
         run = self.manager.submit(Path(folder), command)
@@ -193,7 +194,7 @@ class SpaceApp:
         """Everything the training and results sections show, from the run's files."""
         if not run_id or run_id not in self.manager.runs:
             empty = "<div id='progress-text'>no run yet</div>"
-            return "No run yet.", empty, loss_frame(Path("/nonexistent")), [], "", gr.update(), []
+            return "No run yet.", empty, loss_frame(None), [], "", gr.update(), []
         run = self.manager.runs[run_id]
         position = self.manager.position(run_id)
         status = STATUS_TEXT[run.status]
@@ -276,13 +277,15 @@ class SpaceApp:
                 if not images:
                     gr.Markdown("No images yet.", elem_id="no-images")
                     return
-                for path in images:
-                    with gr.Row(elem_classes="image-row"):
-                        gr.Image(str(path), show_label=False, height=96, interactive=False, scale=1)
-                        box = gr.Textbox(read_caption(path), label=path.name, elem_id=f"caption-{path.stem}", scale=5)
-                        remove = gr.Button("Remove", elem_id=f"remove-{path.stem}", scale=0, size="sm")
-                    box.change(caption_writer(path), inputs=box)
-                    remove.click(image_remover(path), inputs=version, outputs=version)
+                for row in range(0, len(images), 3):
+                    with gr.Row():
+                        for path in images[row : row + 3]:
+                            with gr.Column(min_width=240):
+                                gr.Image(str(path), show_label=False, height=120, interactive=False)
+                                box = gr.Textbox(read_caption(path), label=path.name, elem_id=f"caption-{path.stem}")
+                                remove = gr.Button("Remove", elem_id=f"remove-{path.stem}", size="sm")
+                            box.change(caption_writer(path), inputs=box)
+                            remove.click(image_remover(path), inputs=version, outputs=version)
 
             gr.Markdown("## 2. What are you training?")
             preset = gr.Radio(list(PRESETS), value="object", label="Preset", elem_id="preset")
@@ -297,26 +300,29 @@ class SpaceApp:
             name = gr.Textbox("my-lora", label="LoRA name (the output files' name)", elem_id="lora-name")
             start_values = {**defaults, **preset_settings("object", 0)}
             widgets = {}
-            with gr.Group():
-                for dest in cmd.COMMON:
-                    action = self.actions[dest]
-                    if dest == "pretrained_model_name_or_path":
-                        widgets[dest] = gr.Dropdown(
-                            model_choices,
-                            value=model_choices[0] if not self.has_gpu else SDXL_BASE,
-                            allow_custom_value=True,
-                            label=action.option_strings[0],
-                            info=action.help,
-                            elem_id="flag-pretrained_model_name_or_path",
-                        )
-                    else:
+            model_flag = self.actions["pretrained_model_name_or_path"]
+            widgets["pretrained_model_name_or_path"] = gr.Dropdown(
+                model_choices,
+                value=SDXL_BASE if self.has_gpu else TINY_LABEL,
+                allow_custom_value=True,
+                label=model_flag.option_strings[0],
+                info=f"{model_flag.help}; the tiny one is the default without a GPU",
+                elem_id="flag-pretrained_model_name_or_path",
+            )
+            common = [d for d in cmd.COMMON if d != "pretrained_model_name_or_path"]
+            for row in range(0, len(common), 3):
+                with gr.Row():
+                    for dest in common[row : row + 3]:
+                        action = self.actions[dest]
                         widgets[dest] = setting_component(action, start_values.get(dest, action.default))
             for title, actions in self.advanced:
                 with gr.Accordion(f"Advanced: {title}", open=False):
                     for action in actions:
                         widgets[action.dest] = setting_component(action, start_values.get(action.dest, action.default))
             inputs = [widgets[d] for d in self.dests]
-            command_box = gr.Code(language="shell", label="The command the app will run", elem_id="command")
+            command_box = gr.Code(
+                language="shell", label="The command the app will run", elem_id="command", wrap_lines=True, max_lines=8
+            )
 
             gr.Markdown("## 5. Estimate")
             hardware = gr.Dropdown(
@@ -324,22 +330,47 @@ class SpaceApp:
             )
             estimate_box = gr.Markdown(elem_id="estimate")
 
-            gr.Markdown("## 6. Training")
-            with gr.Row():
-                start_button = gr.Button("Start training", variant="primary", elem_id="start")
-                stop_button = gr.Button("Stop", elem_id="stop")
-                save_button = gr.Button("Save now", elem_id="save-now")
-                sample_button = gr.Button("Sample now", elem_id="sample-now")
-                resume_button = gr.Button("Resume", elem_id="resume")
-            status = gr.Markdown(elem_id="status")
-            control_message = gr.Markdown(elem_id="control-message")
-            progress = gr.HTML(elem_id="progress")
-            loss_plot = gr.LinePlot(x="step", y="loss", color="series", label="Loss", elem_id="loss-plot", height=260)
-            gallery = gr.Gallery(label="Validation images by step", columns=6, height=240, elem_id="validation")
-            log = gr.Code(label="Log (last lines)", elem_id="log", lines=10)
+            with gr.Column(elem_id="training-section"):
+                gr.Markdown("## 6. Training")
+                with gr.Row():
+                    start_button = gr.Button("Start training", variant="primary", elem_id="start")
+                    stop_button = gr.Button("Stop", elem_id="stop")
+                    save_button = gr.Button("Save now", elem_id="save-now")
+                    sample_button = gr.Button("Sample now", elem_id="sample-now")
+                    resume_button = gr.Button("Resume", elem_id="resume")
+                status = gr.Markdown(elem_id="status")
+                control_message = gr.Markdown(elem_id="control-message")
+                progress = gr.HTML(elem_id="progress")
+                loss_plot = gr.LinePlot(
+                    x="step",
+                    y="loss",
+                    color="series",
+                    color_map={"loss": "#4c78a8", "smoothed": "#f58518"},
+                    label="Loss (blue: per step, orange: smoothed)",
+                    elem_id="loss-plot",
+                    height=300,
+                )
+                gallery = gr.Gallery(
+                    label="Validation images by step",
+                    columns=8,
+                    height=220,
+                    object_fit="contain",
+                    preview=False,
+                    fit_columns=False,
+                    elem_id="validation",
+                )
+                log = gr.Code(label="Log (last lines)", elem_id="log", lines=10)
 
             gr.Markdown("## 7. Results")
-            final_gallery = gr.Gallery(label="Final samples", columns=4, height=200, elem_id="final")
+            final_gallery = gr.Gallery(
+                label="Final samples",
+                columns=8,
+                height=200,
+                object_fit="contain",
+                preview=False,
+                fit_columns=False,
+                elem_id="final",
+            )
             download = gr.DownloadButton("Download the LoRA (zip)", visible=False, elem_id="download")
             with gr.Row():
                 try_prompt = gr.Textbox("a photo of TOK on the beach", label="Try it: prompt (TOK = your concept)")
@@ -349,27 +380,38 @@ class SpaceApp:
             try_image = gr.Image(label="Generated", elem_id="try-image", height=256)
             try_message = gr.Markdown(elem_id="try-message")
             with gr.Row():
-                repo = gr.Textbox(label="Hub repo id", placeholder="your-name/my-lora")
+                repo = gr.Textbox(label="Hub repo id", placeholder="your-name/my-lora", elem_id="hub-repo")
                 private = gr.Checkbox(True, label="private")
                 token = gr.Textbox(label="Hub token (else HF_TOKEN)", type="password", elem_id="hub-token")
                 push_button = gr.Button("Push to the Hub", elem_id="push")
             push_message = gr.Markdown(elem_id="push-message")
 
             # --- events ---
-            files.upload(self.upload, [files, folder, version], [folder, version, upload_message, files])
+            upload_event = files.upload(
+                self.upload, [files, folder, version], [folder, version, upload_message, files]
+            )
             caption_button.click(
                 self.caption_all, [folder, version, caption_model, preset], [version, caption_message]
             )
+            # The preset's values follow the preset and the number of images; the model's starting values the model.
             preset_outputs = [widgets[d] for d in preset_settings("object", 0)]
-            preset.change(
-                lambda p, f: list(preset_settings(p, len(list_images(Path(f) / "images")) if f else 0).values()),
-                [preset, folder],
-                preset_outputs,
+            preset.change(preset_values, [preset, folder], preset_outputs)
+            upload_event.then(preset_values, [preset, folder], preset_outputs)
+            model_outputs = [widgets[d] for d in defaults]
+            model_widget = widgets["pretrained_model_name_or_path"]
+            model_widget.change(
+                lambda model: list(app_defaults(self.has_gpu, model == TINY_LABEL).values()),
+                model_widget,
+                model_outputs,
             )
-            for trigger in [*inputs, name, folder]:
-                trigger.change(self.command_text, [folder, name, *inputs], command_box)
-            for trigger in [*inputs, hardware]:
-                trigger.change(self.estimate_text, [hardware, *inputs], estimate_box)
+            # One listener for every setting (a listener per widget would make the page config huge).
+            gr.on(
+                [w.change for w in [*inputs, name, hardware]] + [folder.change, demo.load],
+                self.command_and_estimate,
+                [folder, name, hardware, *inputs],
+                [command_box, estimate_box],
+                show_progress="hidden",
+            )
             start_button.click(self.start, [folder, name, *inputs], [run_id, folder, version])
             stop_button.click(lambda r: self.control(r, "stop"), run_id, control_message)
             save_button.click(lambda r: self.control(r, "save"), run_id, control_message)
@@ -381,9 +423,13 @@ class SpaceApp:
             try_button.click(self.generate, [run_id, try_prompt, try_seed, try_steps], [try_image, try_message])
             push_button.click(self.push, [run_id, repo, private, token], [push_message, token])
             demo.load(self.on_load, run_id, run_id)
-            demo.load(self.command_text, [folder, name, *inputs], command_box)
-            demo.load(self.estimate_text, [hardware, *inputs], estimate_box)
         return demo
+
+
+def preset_values(preset: str, folder: str | None) -> list:
+    """The preset's settings for the images uploaded so far, in `preset_settings` order."""
+    count = len(list_images(Path(folder) / "images")) if folder else 0
+    return list(preset_settings(preset, count).values())
 
 
 def caption_writer(path: Path):
