@@ -106,6 +106,7 @@ def test_card_warns_a1111_users_off_dora_and_comfyui_users_off_lokr_tucker():
     assert "ComfyUI and Forge fail to apply LoKr's Tucker form" in text
 
 
+@pytest.mark.slow
 def test_example_script_generates_with_every_file_family(run_training, tiny_model, tmp_path):
     """examples/generate.py loads through `load_for_diffusers`: a LoKr run with pivotal tuning (which diffusers'
     `load_lora_weights` refuses) gives an image and its tokens."""
