@@ -241,6 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hub_token", default=None, help="Hub token (never printed or logged)")
     g.add_argument("--hub_model_id", default=None)
     g.add_argument("--local_rank", type=int, default=-1, help="set by the launcher")
+
+    g = parser.add_argument_group("speed (ours)")
+    _add_bool(g, "--adam_fused", False, "(ours) torch's fused AdamW kernel (one kernel per step; not with 8-bit Adam)")
+    _add_bool(g, "--channels_last", False, "(ours) UNet in channels-last memory format (faster convolutions on GPUs)")
+    _add_bool(g, "--compile", False, "(ours) torch.compile the UNet's transformer blocks (regional compilation)")
     return parser
 
 

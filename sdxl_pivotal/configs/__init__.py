@@ -14,7 +14,11 @@ import torch
 
 SDXL_BASE = Path(__file__).resolve().parent / "sdxl-base"
 # Hub ids whose configs are embedded here (the planner reads them instead of the Hub).
-EMBEDDED = {"stabilityai/stable-diffusion-xl-base-1.0": SDXL_BASE}
+# madebyollin's fp16-fixed VAE has SDXL's VAE architecture (its config differs only in force_upcast and sample_size).
+EMBEDDED = {
+    "stabilityai/stable-diffusion-xl-base-1.0": SDXL_BASE,
+    "madebyollin/sdxl-vae-fp16-fix": SDXL_BASE / "vae",
+}
 MODEL_NAMES = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
@@ -38,7 +42,9 @@ def models_from_configs(source: Path | str, vae_source: Path | str | None = None
         "unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(source, subfolder="unet")),
         "vae": AutoencoderKL.from_config(vae_config),
         "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(source, subfolder="text_encoder")),
-        "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(source, subfolder="text_encoder_2")),
+        "text_encoder_2": CLIPTextModelWithProjection(
+            CLIPTextConfig.from_pretrained(source, subfolder="text_encoder_2")
+        ),
     }
 
 

@@ -1,0 +1,341 @@
+#!/usr/bin/env python
+"""Full-size SDXL training speed and memory through the real trainer, without downloads.
+
+    python benchmarks/benchmark_sdxl.py --out sdxl-figures     # GPU: SDXL base, 1024/768/512 px x bs 1/2/4
+    python benchmarks/benchmark_sdxl.py --resolutions 1024 --batch_sizes 1 --variants recommended,8bit_adam
+    python benchmarks/benchmark_sdxl.py --model tiny --resolutions 64 --batch_sizes 1   # CPU: the same at tiny size
+
+The model: `--model sdxl-base` (default on CUDA) writes a diffusers folder from the real SDXL-base configs kept in
+`sdxl_pivotal/configs/sdxl-base` with random weights drawn on the GPU (fp16 files, `--variant fp16`, about 7 GB;
+kept in `--model_dir` for reuse), so the trainer loads it exactly as it loads SDXL from the Hub. Writing the files
+takes well under a minute on a GPU machine and keeps the trainer's loading path (and its time) in the figures;
+building the weights in memory instead would need a hook inside the trainer. `--model tiny|small` uses the
+embedded small SDXL-architecture presets instead (CPU-sized; what the test runs).
+
+Each configuration (resolution x batch size x variant) runs `sdxl_pivotal.train.train` in its own process (clean
+peak memory) with the README's pivotal-tuning command plus prior preservation (`VARIANTS["recommended"]`): new
+tokens, `--train_text_encoder_ti_frac 0.5`, min-SNR 5, rank 32, bf16, gradient checkpointing, and class images
+(written beforehand, so none is generated). The run has two phases of `warmup + steps + 1` optimizer steps:
+before the pivot (text encoders trained) and after it (encoders frozen and off the GPU). Per phase it prints
+seconds per step and instance images per second over the `steps` timed steps (after `warmup`), and the FLOPs of
+one step counted by `torch.utils.flop_counter.FlopCounterMode` (the last step of the phase, not timed; with
+gradient checkpointing this includes the recomputed forward) and MFU = FLOPs / s / the device's dense bf16 peak
+(`--peak_tflops`, known for H100/H200/A100). Per run: time to the first optimizer step (process start included),
+peak GPU memory allocated and reserved (CUDA) or peak RSS (CPU), and the memory planner's estimate of the same
+command (`sdxl_pivotal.plan`) with its error. Timing uses the trainer's progress bar: the `tqdm` name that
+`sdxl_pivotal.train` imported is replaced by a subclass whose `update()` (once per optimizer step) takes a
+timestamp after `torch.cuda.synchronize()`.
+
+Results go to `--out`: `results.jsonl` (one JSON object per configuration) and `results.md` (a table).
+`--time_budget S` stops starting configurations after S seconds (the GPU matrix fits a time slot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+# Extra trainer flags of each variant, on top of the recommended command; None removes a flag.
+VARIANTS: dict[str, dict[str, str | None]] = {
+    "recommended": {},
+    "no_checkpointing": {"--gradient_checkpointing": None},
+    "8bit_adam": {"--use_8bit_adam": ""},
+    "fused_adam": {"--adam_fused": ""},
+    "cache_latents": {"--cache_latents": ""},
+    "channels_last": {"--channels_last": ""},
+    "compile": {"--compile": ""},
+}
+# Dense bf16 tensor-core peak, TFLOP/s, by a substring of torch.cuda.get_device_name().
+PEAK_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "A100": 312.0}
+INSTANCE_PROMPT = "a photo of TOK dog"
+
+
+def recommended_flags(model_dir: Path, images: Path, classes: Path, resolution: int, batch: int, steps: int) -> dict:
+    """The README's pivotal-tuning command (with prior preservation and rank 32), as {flag: value}."""
+    return {
+        "--pretrained_model_name_or_path": str(model_dir),
+        "--pretrained_vae_model_name_or_path": str(model_dir / "vae"),  # stands for madebyollin/sdxl-vae-fp16-fix
+        "--instance_data_dir": str(images),
+        "--instance_prompt": INSTANCE_PROMPT,
+        "--train_text_encoder_ti": "",
+        "--token_abstraction": "TOK",
+        "--num_new_tokens_per_abstraction": "2",
+        "--train_text_encoder_ti_frac": "0.5",
+        "--text_encoder_lr": "3e-4",
+        "--with_prior_preservation": "",
+        "--class_prompt": "a photo of a dog",
+        "--class_data_dir": str(classes),
+        "--num_class_images": str(batch),
+        "--resolution": str(resolution),
+        "--train_batch_size": str(batch),
+        "--gradient_accumulation_steps": "1",
+        "--gradient_checkpointing": "",
+        "--rank": "32",
+        "--learning_rate": "1e-4",
+        "--lr_warmup_steps": "0",
+        "--snr_gamma": "5",
+        "--max_train_steps": str(steps),
+        "--checkpointing_steps": "1000000",
+        "--report_to": "none",
+        "--seed": "0",
+    }
+
+
+def trainer_argv(flags: dict, variant: str, device: torch.device, output_dir: Path, variant_model: bool) -> list[str]:
+    flags = {**flags, "--output_dir": str(output_dir), "--mixed_precision": "bf16" if device.type == "cuda" else "no"}
+    if variant_model:
+        flags["--variant"] = "fp16"
+    for flag, value in VARIANTS[variant].items():
+        if value is None:
+            flags.pop(flag, None)
+        else:
+            flags[flag] = value
+    argv = []
+    for flag, value in flags.items():
+        argv += [flag] if value == "" else [flag, value]
+    return argv
+
+
+def prepare_data(folder: Path, count: int) -> tuple[Path, Path]:
+    """Instance photos (the demo set) and `count` class images already in place, so none is generated."""
+    from sdxl_pivotal.tiny import write_demo_images
+
+    images = write_demo_images(folder / "images", count=max(count, 4))
+    classes = folder / "class-images"
+    classes.mkdir(parents=True, exist_ok=True)
+    for i, path in enumerate(sorted(images.glob("*.png"))[:count]):
+        (classes / f"class-{i}.png").write_bytes(path.read_bytes())
+    return images, classes
+
+
+def prepare_model(name: str, model_dir: Path, device: torch.device) -> Path:
+    if (model_dir / "model_index.json").exists():
+        return model_dir
+    if name == "sdxl-base":
+        from sdxl_pivotal.configs import save_random_sdxl
+
+        return save_random_sdxl(model_dir, device)
+    from sdxl_pivotal.tiny import save_tiny_sdxl
+
+    return save_tiny_sdxl(model_dir, name)
+
+
+def run_one(spec: dict) -> dict:
+    """One configuration, in this process: train with timestamps per optimizer step and FLOP counts."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import sdxl_pivotal.train as train_module
+    from sdxl_pivotal.args import parse_args
+
+    device = torch.device(spec["device"])
+    args = parse_args(spec["argv"])
+    phase = spec["warmup"] + spec["steps"] + 1
+    count_at = {phase - 1, 2 * phase - 1}  # the last step of each phase: FLOPs counted, not timed
+    stamps: list[float] = []
+    flops: dict[int, int] = {}
+    counter: list[FlopCounterMode] = []
+    base_tqdm = train_module.tqdm
+
+    class TimedTqdm(base_tqdm):
+        def update(self, n=1):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+            step = len(stamps) - 1  # the optimizer step just finished
+            if counter:
+                counter[0].__exit__(None, None, None)
+                flops[step] = counter.pop().get_total_flops()
+            if step + 1 in count_at:
+                counter.append(FlopCounterMode(display=False))
+                counter[0].__enter__()
+            return super().update(n)
+
+    estimate = None
+    if spec["plan"]:
+        from sdxl_pivotal.plan import estimate as plan_estimate
+
+        estimate = plan_estimate(args).peak
+    train_module.tqdm = TimedTqdm
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    tracker = None
+    if device.type == "cpu":  # what torch.cuda.max_memory_allocated() reports on a GPU: live tensor bytes
+        from sdxl_pivotal.plan import LiveTensorBytes
+
+        tracker = LiveTensorBytes(device)
+    start = time.perf_counter()
+    with tracker.mode if tracker else contextlib.nullcontext():
+        train_module.train(args)
+    result = {key: spec[key] for key in ("resolution", "batch", "variant")}
+    result["first_step_s"] = stamps[0] - start + spec["startup_s"]
+    for name, first in (("before_pivot", 0), ("after_pivot", phase)):
+        timed = range(first + spec["warmup"], first + spec["warmup"] + spec["steps"])
+        durations = [stamps[k] - stamps[k - 1] for k in timed]
+        seconds = sum(durations) / len(durations)
+        step_flops = flops.get(first + phase - 1)
+        result[name] = {"s_per_step": seconds, "images_per_s": spec["batch"] / seconds, "flops": step_flops}
+        if step_flops and spec["peak_tflops"]:
+            result[name]["mfu"] = step_flops / seconds / (spec["peak_tflops"] * 1e12)
+    if device.type == "cuda":
+        result["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+        if estimate is not None:
+            result["plan_gib"] = estimate / 2**30
+            result["plan_error"] = estimate / torch.cuda.max_memory_allocated() - 1
+    else:
+        result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        result["peak_tensors_gib"] = tracker.peak / 2**30
+        if estimate is not None:
+            result["plan_gib"] = estimate / 2**30
+            result["plan_error"] = estimate / tracker.peak - 1
+    return result
+
+
+def table(results: list[dict]) -> str:
+    memory = "peak alloc / reserved GiB" if "peak_allocated_gib" in results[0] else "peak tensors / RSS GiB"
+    lines = [
+        f"| res | bs | variant | s/step (pivot / after) | img/s (after) | TFLOP/step | MFU (after) | {memory} | "
+        "planner GiB (error) | first step s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        a, b = r["before_pivot"], r["after_pivot"]
+        mfu = f"{b['mfu']:.1%}" if "mfu" in b else "n/a"
+        tflop = f"{b['flops'] / 1e12:.3g}" if b["flops"] else "n/a"
+        if "peak_allocated_gib" in r:
+            mem = f"{r['peak_allocated_gib']:.2f} / {r['peak_reserved_gib']:.2f}"
+        else:
+            mem = f"{r['peak_tensors_gib']:.3f} / {r['peak_rss_gib']:.2f}"
+        plan = f"{r['plan_gib']:.2f}" if "plan_gib" in r else "n/a"
+        if "plan_error" in r:
+            plan += f" ({r['plan_error']:+.0%})"
+        lines.append(
+            f"| {r['resolution']} | {r['batch']} | {r['variant']} | {a['s_per_step']:.3f} / {b['s_per_step']:.3f} | "
+            f"{b['images_per_s']:.2f} | {tflop} | {mfu} | {mem} | {plan} | {r['first_step_s']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_cli(argv: list[str]) -> argparse.Namespace:
+    cuda = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="sdxl-base" if cuda else "tiny", choices=["sdxl-base", "tiny", "small"])
+    parser.add_argument("--model_dir", default=None, help="keep (or reuse) the model folder here")
+    parser.add_argument("--resolutions", default=None, help="comma-separated; default 1024,768,512 (tiny: 64)")
+    parser.add_argument("--batch_sizes", default="1,2,4")
+    parser.add_argument("--variants", default="recommended", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per phase")
+    parser.add_argument("--warmup_steps", type=int, default=2, help="untimed steps before them, per phase")
+    parser.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU; default: known GPUs")
+    parser.add_argument("--no_plan", action="store_true", help="skip the planner's estimate")
+    parser.add_argument("--time_budget", type=float, default=None, help="start no configuration after S seconds")
+    parser.add_argument("--out", default="benchmark-sdxl", help="folder for results.jsonl and results.md")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    options = parser.parse_args(argv)
+    if options.model == "sdxl-base" and not cuda:
+        parser.error("full-size SDXL needs a CUDA GPU; on a CPU use --model tiny or small")
+    if options.warmup_steps < 1 or options.steps < 1:
+        parser.error("--warmup_steps and --steps must be at least 1")
+    if options.resolutions is None:
+        options.resolutions = "1024,768,512" if options.model == "sdxl-base" else "64"
+    return options
+
+
+def main(argv: list[str] | None = None) -> None:
+    started = time.perf_counter()
+    options = parse_cli(sys.argv[1:] if argv is None else argv)
+    if options.child:
+        spec = json.loads(Path(options.child).read_text())
+        spec["startup_s"] = time.perf_counter() - spec.pop("launched") + 0.0
+        print("RESULT " + json.dumps(run_one(spec)), flush=True)
+        return
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    peak_tflops = options.peak_tflops
+    if peak_tflops is None and device.type == "cuda":
+        name = torch.cuda.get_device_name()
+        peak_tflops = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    out = Path(options.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model_dir = Path(options.model_dir) if options.model_dir else tmp / "model"
+        t0 = time.perf_counter()
+        prepare_model(options.model, model_dir, device)
+        print(f"model {options.model} ready in {model_dir} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        batches = [int(b) for b in options.batch_sizes.split(",")]
+        images, classes = prepare_data(tmp / "data", max(batches))
+        total = 2 * (options.warmup_steps + options.steps + 1)
+        for variant in options.variants.split(","):
+            for resolution in (int(r) for r in options.resolutions.split(",")):
+                for batch in batches:
+                    if options.time_budget and time.perf_counter() - started > options.time_budget:
+                        print(f"time budget spent: skipping {resolution} px bs {batch} {variant}", flush=True)
+                        continue
+                    flags = recommended_flags(model_dir, images, classes, resolution, batch, total)
+                    run_dir = tmp / f"run-{variant}-{resolution}-{batch}"
+                    argv = trainer_argv(flags, variant, device, run_dir, options.model == "sdxl-base")
+                    spec = dict(
+                        argv=argv,
+                        device=device.type,
+                        resolution=resolution,
+                        batch=batch,
+                        variant=variant,
+                        warmup=options.warmup_steps,
+                        steps=options.steps,
+                        peak_tflops=peak_tflops,
+                        plan=not options.no_plan,
+                        launched=time.time(),
+                    )
+                    spec_file = run_dir.with_suffix(".json")
+                    spec_file.write_text(json.dumps(spec))
+                    result = run_child(spec_file)
+                    if result is None:
+                        print(f"FAILED: {resolution} px bs {batch} {variant}", flush=True)
+                        continue
+                    results.append(result)
+                    with open(out / "results.jsonl", "a") as f:
+                        f.write(json.dumps(result) + "\n")
+                    print(table([result]).splitlines()[-1], flush=True)
+    if results:
+        header = f"device: {describe_device(device)}; model {options.model}\n\n"
+        (out / "results.md").write_text(header + table(results) + "\n")
+        print("\n" + header + table(results))
+
+
+def run_child(spec_file: Path) -> dict | None:
+    """Run one configuration in a fresh process; its result, or None when it failed (its output is shown)."""
+    spec = json.loads(spec_file.read_text())
+    spec["launched"] = time.perf_counter()
+    spec_file.write_text(json.dumps(spec))
+    command = [sys.executable, __file__, "--child", str(spec_file)]
+    completed = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
+    if completed.returncode != 0 or not lines:
+        print(completed.stdout[-3000:] + completed.stderr[-6000:], flush=True)
+        return None
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads), torch {torch.__version__}"
+
+
+if __name__ == "__main__":
+    main()
