@@ -1,8 +1,8 @@
 """Memory planner: the peak GPU memory a training command will need, before anything is loaded.
 
     python -m sdxl_pivotal.plan --gpu_memory 12 \\
-        --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 --instance_prompt "a photo of TOK dog" \\
-        --resolution 1024 --train_batch_size 1 --mixed_precision bf16 ...
+        --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \\
+        --instance_prompt "a photo of TOK dog" --resolution 1024 --train_batch_size 1 --mixed_precision bf16 ...
 
 How: the models are built from their configs (embedded for SDXL base: `sdxl_pivotal/configs`, else the model
 folder's) as fake tensors (`torch._subclasses.FakeTensorMode`: shapes and dtypes, no storage, no compute), then the

@@ -17,8 +17,22 @@ def test_benchmark_runs_the_trainer_and_reports_every_figure(tmp_path):
 
     out = tmp_path / "figures"
     benchmark_sdxl.main(
-        ["--model", "tiny", "--resolutions", "64", "--batch_sizes", "1", "--steps", "1", "--warmup_steps", "1"]
-        + ["--out", str(out), "--peak_tflops", "1"]
+        [
+            "--model",
+            "tiny",
+            "--resolutions",
+            "64",
+            "--batch_sizes",
+            "1",
+            "--steps",
+            "1",
+            "--warmup_steps",
+            "1",
+            "--out",
+            str(out),
+            "--peak_tflops",
+            "1",
+        ]
     )
     (row,) = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert (row["resolution"], row["batch"], row["variant"]) == (64, 1, "recommended")

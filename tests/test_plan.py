@@ -33,14 +33,25 @@ def test_planner_sizes_weights_and_trainable_numbers_of_the_tiny_model(tiny_mode
     from sdxl_pivotal.plan import estimate, parse_plan_args
 
     _, args = parse_plan_args(
-        ["--pretrained_model_name_or_path", str(tiny_model), "--instance_prompt", "a photo of TOK dog"]
-        + ["--resolution", "64", "--train_batch_size", "1", "--rank", "4", "--train_text_encoder_ti"]
+        [
+            "--pretrained_model_name_or_path",
+            str(tiny_model),
+            "--instance_prompt",
+            "a photo of TOK dog",
+            "--resolution",
+            "64",
+            "--train_batch_size",
+            "1",
+            "--rank",
+            "4",
+            "--train_text_encoder_ti",
+        ]
     )
     result = estimate(args)
     file_bytes = 0
     for path in tiny_model.glob("*/*.safetensors"):
         with safe_open(str(path), "pt") as f:
-            file_bytes += sum(_numel(f, key) * 4 for key in f.keys())
+            file_bytes += sum(_numel(f, key) * 4 for key in f)
     # fp32 weights as saved, plus the LoRA, the 2 new rows per encoder, and (text encoders) 2 resized rows
     assert file_bytes < result.weights < file_bytes * 1.1
     assert result.peak > result.weights
@@ -59,8 +70,18 @@ def test_planner_proposes_a_change_that_fits(tiny_model):
     from sdxl_pivotal.plan import estimate, parse_plan_args, propose
 
     gpu, args = parse_plan_args(
-        ["--gpu_memory", "1", "--pretrained_model_name_or_path", str(tiny_model), "--instance_prompt", "a TOK"]
-        + ["--resolution", "64", "--train_batch_size", "2"]
+        [
+            "--gpu_memory",
+            "1",
+            "--pretrained_model_name_or_path",
+            str(tiny_model),
+            "--instance_prompt",
+            "a TOK",
+            "--resolution",
+            "64",
+            "--train_batch_size",
+            "2",
+        ]
     )
     assert gpu == 1.0
     base = estimate(args)
