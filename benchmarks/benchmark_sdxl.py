@@ -21,8 +21,10 @@ seconds per step and instance images per second over the `steps` timed steps (af
 one step counted by `torch.utils.flop_counter.FlopCounterMode` (the last step of the phase, not timed; with
 gradient checkpointing this includes the recomputed forward) and MFU = FLOPs / s / the device's dense bf16 peak
 (`--peak_tflops`, known for H100/H200/A100). Per run: time to the first optimizer step (process start included),
-peak GPU memory allocated and reserved (CUDA) or peak RSS (CPU), and the memory planner's estimate of the same
-command (`sdxl_pivotal.plan`) with its error. Timing uses the trainer's progress bar: the `tqdm` name that
+peak memory of the training steps after the first (CUDA: allocated and reserved; CPU: bytes of live tensors,
+counted by `sdxl_pivotal.plan.LiveTensorBytes`, and peak RSS) and up to the first step (loading included), and the
+memory planner's estimate of the same command (`sdxl_pivotal.plan`, computed in CPU processes beside the runs)
+with its error against the training steps' peak. Timing uses the trainer's progress bar: the `tqdm` name that
 `sdxl_pivotal.train` imported is replaced by a subclass whose `update()` (once per optimizer step) takes a
 timestamp after `torch.cuda.synchronize()`.
 
@@ -92,6 +94,7 @@ def recommended_flags(model_dir: Path, images: Path, classes: Path, resolution: 
         "--checkpointing_steps": "1000000",
         "--report_to": "none",
         "--seed": "0",
+        "--memory_plan": "False",  # estimated beside the run instead (below), not inside it
     }
 
 
@@ -148,6 +151,7 @@ def run_one(spec: dict) -> dict:
     stamps: list[float] = []
     flops: dict[int, int] = {}
     counter: list[FlopCounterMode] = []
+    load_peak: list[int] = []
     base_tqdm = train_module.tqdm
 
     class TimedTqdm(base_tqdm):
@@ -156,6 +160,12 @@ def run_one(spec: dict) -> dict:
                 torch.cuda.synchronize()
             stamps.append(time.perf_counter())
             step = len(stamps) - 1  # the optimizer step just finished
+            if step == 0:  # peak memory of the run so far (loading included); then of the training steps
+                load_peak.append(torch.cuda.max_memory_allocated() if device.type == "cuda" else tracker.peak)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                else:
+                    tracker.peak = tracker.live
             if counter:
                 counter[0].__exit__(None, None, None)
                 flops[step] = counter.pop().get_total_flops()
@@ -164,11 +174,6 @@ def run_one(spec: dict) -> dict:
                 counter[0].__enter__()
             return super().update(n)
 
-    estimate = None
-    if spec["plan"]:
-        from sdxl_pivotal.plan import estimate as plan_estimate
-
-        estimate = plan_estimate(args).peak
     train_module.tqdm = TimedTqdm
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -190,19 +195,23 @@ def run_one(spec: dict) -> dict:
         result[name] = {"s_per_step": seconds, "images_per_s": spec["batch"] / seconds, "flops": step_flops}
         if step_flops and spec["peak_tflops"]:
             result[name]["mfu"] = step_flops / seconds / (spec["peak_tflops"] * 1e12)
+    # Peaks during the training steps after the first (what the planner estimates), and up to the first step.
+    result["first_step_peak_gib"] = load_peak[0] / 2**30
     if device.type == "cuda":
         result["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
-        if estimate is not None:
-            result["plan_gib"] = estimate / 2**30
-            result["plan_error"] = estimate / torch.cuda.max_memory_allocated() - 1
     else:
         result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         result["peak_tensors_gib"] = tracker.peak / 2**30
-        if estimate is not None:
-            result["plan_gib"] = estimate / 2**30
-            result["plan_error"] = estimate / tracker.peak - 1
     return result
+
+
+def plan_peak(argv: list[str]) -> int:
+    """The planner's estimate of a configuration's peak (run in a pool of CPU processes beside the GPU runs)."""
+    from sdxl_pivotal.args import parse_args
+    from sdxl_pivotal.plan import estimate
+
+    return estimate(parse_args(argv)).peak
 
 
 def table(results: list[dict]) -> str:
@@ -260,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     options = parse_cli(sys.argv[1:] if argv is None else argv)
     if options.child:
         spec = json.loads(Path(options.child).read_text())
-        spec["startup_s"] = time.perf_counter() - spec.pop("launched") + 0.0
+        spec["startup_s"] = time.perf_counter() - spec.pop("launched")
         print("RESULT " + json.dumps(run_one(spec)), flush=True)
         return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -280,41 +289,66 @@ def main(argv: list[str] | None = None) -> None:
         batches = [int(b) for b in options.batch_sizes.split(",")]
         images, classes = prepare_data(tmp / "data", max(batches))
         total = 2 * (options.warmup_steps + options.steps + 1)
+        specs = []
         for variant in options.variants.split(","):
             for resolution in (int(r) for r in options.resolutions.split(",")):
                 for batch in batches:
-                    if options.time_budget and time.perf_counter() - started > options.time_budget:
-                        print(f"time budget spent: skipping {resolution} px bs {batch} {variant}", flush=True)
-                        continue
                     flags = recommended_flags(model_dir, images, classes, resolution, batch, total)
                     run_dir = tmp / f"run-{variant}-{resolution}-{batch}"
                     argv = trainer_argv(flags, variant, device, run_dir, options.model == "sdxl-base")
-                    spec = dict(
-                        argv=argv,
-                        device=device.type,
-                        resolution=resolution,
-                        batch=batch,
-                        variant=variant,
-                        warmup=options.warmup_steps,
-                        steps=options.steps,
-                        peak_tflops=peak_tflops,
-                        plan=not options.no_plan,
-                        launched=time.time(),
+                    specs.append(
+                        dict(
+                            argv=argv,
+                            device=device.type,
+                            resolution=resolution,
+                            batch=batch,
+                            variant=variant,
+                            warmup=options.warmup_steps,
+                            steps=options.steps,
+                            peak_tflops=peak_tflops,
+                        )
                     )
-                    spec_file = run_dir.with_suffix(".json")
-                    spec_file.write_text(json.dumps(spec))
-                    result = run_child(spec_file)
-                    if result is None:
-                        print(f"FAILED: {resolution} px bs {batch} {variant}", flush=True)
-                        continue
-                    results.append(result)
-                    with open(out / "results.jsonl", "a") as f:
-                        f.write(json.dumps(result) + "\n")
-                    print(table([result]).splitlines()[-1], flush=True)
+        plans = start_plans(specs) if not options.no_plan else {}
+        for index, spec in enumerate(specs):
+            name = f"{spec['resolution']} px bs {spec['batch']} {spec['variant']}"
+            if options.time_budget and time.perf_counter() - started > options.time_budget:
+                print(f"time budget spent: skipping {name}", flush=True)
+                if index in plans:
+                    plans.pop(index).cancel()
+                continue
+            spec_file = tmp / f"spec-{index}.json"
+            spec_file.write_text(json.dumps(spec))
+            result = run_child(spec_file)
+            if result is None:
+                print(f"FAILED: {name}", flush=True)
+                continue
+            if index in plans:
+                add_plan(result, plans.pop(index).result())
+            results.append(result)
+            with open(out / "results.jsonl", "a") as f:
+                f.write(json.dumps(result) + "\n")
+            print(table([result]).splitlines()[-1], flush=True)
     if results:
         header = f"device: {describe_device(device)}; model {options.model}\n\n"
         (out / "results.md").write_text(header + table(results) + "\n")
         print("\n" + header + table(results))
+
+
+def start_plans(specs: list[dict]) -> dict:
+    """{index: future of the planner's estimate} for every configuration, computed in CPU processes."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    workers = max(1, min(len(specs), (os.cpu_count() or 2) // 2))
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    return {i: pool.submit(plan_peak, spec["argv"]) for i, spec in enumerate(specs)}
+
+
+def add_plan(result: dict, estimate: int) -> None:
+    """The planner's estimate and its error against the measured peak of the training steps."""
+    measured = result.get("peak_allocated_gib", result.get("peak_tensors_gib")) * 2**30
+    result["plan_gib"] = estimate / 2**30
+    result["plan_error"] = estimate / measured - 1
 
 
 def run_child(spec_file: Path) -> dict | None:

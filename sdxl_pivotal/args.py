@@ -246,6 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bool(g, "--adam_fused", False, "(ours) torch's fused AdamW kernel (one kernel per step; not with 8-bit Adam)")
     _add_bool(g, "--channels_last", False, "(ours) UNet in channels-last memory format (faster convolutions on GPUs)")
     _add_bool(g, "--compile", False, "(ours) torch.compile the UNet's transformer blocks (regional compilation)")
+    _add_bool(
+        g,
+        "--memory_plan",
+        True,
+        "(ours) on CUDA, log the planner's peak-memory estimate before loading (warns when it will not fit)",
+    )
     return parser
 
 

@@ -388,7 +388,8 @@ def log_estimate(args: argparse.Namespace, device: torch.device) -> None:
     """At the start of a CUDA run: log the estimate, and warn when it exceeds the GPU's free memory (where Windows
     drivers would silently spill into shared memory, 10-100x slower, instead of failing)."""
     try:
-        result = estimate(args)
+        with torch.random.fork_rng(devices=[]):  # the fake steps draw random numbers: leave the run's RNG as it was
+            result = estimate(args)
     except Exception as error:  # the planner must never stop a training run
         logger.warning("Memory planner failed (%s: %s); training anyway.", type(error).__name__, error)
         return

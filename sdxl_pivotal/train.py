@@ -310,7 +310,7 @@ def train(args: argparse.Namespace) -> Path:
     num_epochs = math.ceil(total_steps / plan.steps_per_epoch)
     text_encoder_stop = text_training_stop(args, total_steps)
 
-    if accelerator.device.type == "cuda" and accelerator.is_local_main_process:
+    if args.memory_plan and accelerator.device.type == "cuda" and accelerator.is_local_main_process:
         log_estimate(args, accelerator.device)  # before minutes of loading: does it fit?
     parts, adapter_plan, weight_dtype = build_models(args, accelerator, tokens, seed)
     if args.cache_latents:
