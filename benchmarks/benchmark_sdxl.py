@@ -113,14 +113,15 @@ def trainer_argv(flags: dict, variant: str, device: torch.device, output_dir: Pa
     return argv
 
 
-def prepare_data(folder: Path, count: int) -> tuple[Path, Path]:
-    """Instance photos (the demo set) and `count` class images already in place, so none is generated."""
+def prepare_data(folder: Path, count: int, class_images: bool = True) -> tuple[Path, Path]:
+    """Instance photos (the demo set) and `count` class images already in place (none is generated), or none
+    (`class_images=False`: the trainer generates them with the base model, as a first run does)."""
     from sdxl_pivotal.tiny import write_demo_images
 
     images = write_demo_images(folder / "images", count=max(count, 4))
     classes = folder / "class-images"
     classes.mkdir(parents=True, exist_ok=True)
-    for i, path in enumerate(sorted(images.glob("*.png"))[:count]):
+    for i, path in enumerate(sorted(images.glob("*.png"))[: count if class_images else 0]):
         (classes / f"class-{i}.png").write_bytes(path.read_bytes())
     return images, classes
 
@@ -137,6 +138,39 @@ def prepare_model(name: str, model_dir: Path, device: torch.device) -> Path:
     return save_tiny_sdxl(model_dir, name)
 
 
+class PeakRSS:
+    """The process's peak resident set size since the last `reset()` (Linux: VmHWM, reset through clear_refs)."""
+
+    def read(self) -> int:
+        status = Path("/proc/self/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) * 1024
+
+    def reset(self) -> None:
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def measure_phases(train_module, rss: PeakRSS, phases: dict[str, int]) -> None:
+    """Record the peak RSS of the trainer's phases into `phases` by wrapping the functions that run them (the
+    training steps and the final export are recorded by the caller)."""
+
+    def wrap(name: str, function):
+        def wrapped(*args, **kwargs):
+            rss.reset()
+            result = function(*args, **kwargs)
+            phases[name] = rss.read()
+            rss.reset()
+            return result
+
+        return wrapped
+
+    for name, function in (
+        ("class images", "load_class_records"),
+        ("models", "build_models"),
+        ("latent cache", "build_latent_cache"),
+    ):
+        setattr(train_module, function, wrap(name, getattr(train_module, function)))
+
+
 def run_one(spec: dict) -> dict:
     """One configuration, in this process: train with timestamps per optimizer step and FLOP counts."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -151,7 +185,7 @@ def run_one(spec: dict) -> dict:
     stamps: list[float] = []
     flops: dict[int, int] = {}
     counter: list[FlopCounterMode] = []
-    load_peak: list[int] = []
+    peaks: list[tuple[int, int]] = []  # per optimizer step: (allocated, reserved) bytes
     base_tqdm = train_module.tqdm
 
     class TimedTqdm(base_tqdm):
@@ -160,12 +194,16 @@ def run_one(spec: dict) -> dict:
                 torch.cuda.synchronize()
             stamps.append(time.perf_counter())
             step = len(stamps) - 1  # the optimizer step just finished
-            if step == 0:  # peak memory of the run so far (loading included); then of the training steps
-                load_peak.append(torch.cuda.max_memory_allocated() if device.type == "cuda" else tracker.peak)
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                else:
-                    tracker.peak = tracker.live
+            if rss is not None:
+                phases["training steps"] = max(phases.get("training steps", 0), rss.read())
+                rss.reset()
+            # Peak memory of each step (step 0: since the start, loading included), then a fresh peak.
+            if device.type == "cuda":
+                peaks.append((torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()))
+                torch.cuda.reset_peak_memory_stats()
+            else:
+                peaks.append((tracker.peak, 0))
+                tracker.peak = tracker.live
             if counter:
                 counter[0].__exit__(None, None, None)
                 flops[step] = counter.pop().get_total_flops()
@@ -177,14 +215,19 @@ def run_one(spec: dict) -> dict:
     train_module.tqdm = TimedTqdm
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    tracker = None
+    tracker, rss, phases = None, None, {}
     if device.type == "cpu":  # what torch.cuda.max_memory_allocated() reports on a GPU: live tensor bytes
         from sdxl_pivotal.plan import LiveTensorBytes
 
         tracker = LiveTensorBytes(device)
+        if Path("/proc/self/clear_refs").exists():
+            rss = PeakRSS()
+            measure_phases(train_module, rss, phases)
     start = time.perf_counter()
     with tracker.mode if tracker else contextlib.nullcontext():
         train_module.train(args)
+    if rss is not None:
+        phases["export"] = rss.read()
     result = {key: spec[key] for key in ("resolution", "batch", "variant")}
     result["first_step_s"] = stamps[0] - start + spec["startup_s"]
     for name, first in (("before_pivot", 0), ("after_pivot", phase)):
@@ -195,14 +238,18 @@ def run_one(spec: dict) -> dict:
         result[name] = {"s_per_step": seconds, "images_per_s": spec["batch"] / seconds, "flops": step_flops}
         if step_flops and spec["peak_tflops"]:
             result[name]["mfu"] = step_flops / seconds / (spec["peak_tflops"] * 1e12)
-    # Peaks during the training steps after the first (what the planner estimates), and up to the first step.
-    result["first_step_peak_gib"] = load_peak[0] / 2**30
+    # Peaks of the training steps after the first (what the planner estimates) without the FLOP-counted ones
+    # (the counter holds tensors longer), and up to the end of the first step (loading included).
+    train_peaks = [peak for step, peak in enumerate(peaks) if step > 0 and step not in count_at]
+    allocated, reserved = (max(p[i] for p in train_peaks) for i in (0, 1))
+    result["first_step_peak_gib"] = peaks[0][0] / 2**30
     if device.type == "cuda":
-        result["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+        result["peak_allocated_gib"] = allocated / 2**30
+        result["peak_reserved_gib"] = reserved / 2**30
     else:
         result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        result["peak_tensors_gib"] = tracker.peak / 2**30
+        result["peak_tensors_gib"] = allocated / 2**30
+        result["peak_rss_by_phase_gib"] = {name: size / 2**30 for name, size in phases.items()}
     return result
 
 
@@ -251,6 +298,9 @@ def parse_cli(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--warmup_steps", type=int, default=2, help="untimed steps before them, per phase")
     parser.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU; default: known GPUs")
     parser.add_argument("--no_plan", action="store_true", help="skip the planner's estimate")
+    parser.add_argument(
+        "--generate_class_images", action="store_true", help="let the trainer generate the class images (timed)"
+    )
     parser.add_argument("--time_budget", type=float, default=None, help="start no configuration after S seconds")
     parser.add_argument("--out", default="benchmark-sdxl", help="folder for results.jsonl and results.md")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -287,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
         prepare_model(options.model, model_dir, device)
         print(f"model {options.model} ready in {model_dir} ({time.perf_counter() - t0:.0f} s)", flush=True)
         batches = [int(b) for b in options.batch_sizes.split(",")]
-        images, classes = prepare_data(tmp / "data", max(batches))
+        images, classes = prepare_data(tmp / "data", max(batches), not options.generate_class_images)
         total = 2 * (options.warmup_steps + options.steps + 1)
         specs = []
         for variant in options.variants.split(","):
@@ -330,8 +380,19 @@ def main(argv: list[str] | None = None) -> None:
             print(table([result]).splitlines()[-1], flush=True)
     if results:
         header = f"device: {describe_device(device)}; model {options.model}\n\n"
-        (out / "results.md").write_text(header + table(results) + "\n")
-        print("\n" + header + table(results))
+        text = header + table(results) + "\n" + phase_lines(results)
+        (out / "results.md").write_text(text)
+        print("\n" + text)
+
+
+def phase_lines(results: list[dict]) -> str:
+    """CPU: the peak RSS of each phase of each run."""
+    lines = []
+    for r in results:
+        if r.get("peak_rss_by_phase_gib"):
+            phases = ", ".join(f"{name} {size:.2f}" for name, size in r["peak_rss_by_phase_gib"].items())
+            lines.append(f"- {r['resolution']} px bs {r['batch']} {r['variant']}: peak RSS GiB by phase: {phases}")
+    return "\n".join(lines) + ("\n" if lines else "")
 
 
 def start_plans(specs: list[dict]) -> dict:

@@ -145,3 +145,38 @@ def test_channels_last_unet_gives_the_same_prediction(tiny_model):
         assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
         got = unet(sample, 10, hidden, added_cond_kwargs=added).sample
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_transformer_blocks_give_the_same_loss_and_gradients(tiny_model):
+    """--compile: regional torch.compile of the UNet's transformer blocks (with their LoRA) changes no number
+    beyond float rounding, forward or backward."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    def loss_and_grads(compiled: bool):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+        unet.requires_grad_(False)
+        unet.add_adapter(
+            LoraConfig(r=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights="gaussian")
+        )
+        if compiled:
+            unet.compile_repeated_blocks()
+            block = unet.down_blocks[1].attentions[0].transformer_blocks[0]
+            assert block._compiled_call_impl is not None
+        torch.manual_seed(1)
+        sample = torch.randn(2, 4, 8, 8)
+        hidden = torch.randn(2, 77, unet.config.cross_attention_dim)
+        added = {"text_embeds": torch.randn(2, 32), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
+        loss = unet(sample, 10, hidden, added_cond_kwargs=added).sample.square().mean()
+        loss.backward()
+        grads = {n: p.grad for n, p in unet.named_parameters() if p.requires_grad}
+        return loss.detach(), grads
+
+    loss, grads = loss_and_grads(compiled=True)
+    expected_loss, expected_grads = loss_and_grads(compiled=False)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == expected_grads.keys() and any(g.abs().sum() > 0 for g in grads.values())
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
