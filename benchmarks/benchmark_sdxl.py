@@ -242,7 +242,11 @@ def run_one(spec: dict) -> dict:
     # (the counter holds tensors longer), and up to the end of the first step (loading included).
     train_peaks = [peak for step, peak in enumerate(peaks) if step > 0 and step not in count_at]
     allocated, reserved = (max(p[i] for p in train_peaks) for i in (0, 1))
+    # The pivot step also encodes every caption once (before the encoders leave the device); the others are steady.
+    steady = max(peak[0] for step, peak in enumerate(peaks) if step > 0 and step not in count_at | {phase})
+    result["steady_step_peak_gib"] = steady / 2**30
     result["first_step_peak_gib"] = peaks[0][0] / 2**30
+    result["step_peaks_gib"] = [round(p[0] / 2**30, 4) for p in peaks]
     if device.type == "cuda":
         result["peak_allocated_gib"] = allocated / 2**30
         result["peak_reserved_gib"] = reserved / 2**30
@@ -410,6 +414,7 @@ def add_plan(result: dict, estimate: int) -> None:
     measured = result.get("peak_allocated_gib", result.get("peak_tensors_gib")) * 2**30
     result["plan_gib"] = estimate / 2**30
     result["plan_error"] = estimate / measured - 1
+    result["plan_error_steady"] = estimate / (result["steady_step_peak_gib"] * 2**30) - 1
 
 
 def run_child(spec_file: Path) -> dict | None:
