@@ -46,7 +46,7 @@ OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16}
 
 @dataclass
 class MemoryEstimate:
-    """Peak GPU memory of a command, in bytes, by kind of tensor at the peak."""
+    """Peak GPU memory of a command, in bytes, and what it is made of."""
 
     peak: int  # estimate of torch.cuda.max_memory_allocated()
     weights: int  # all parameters and buffers on the device before training (frozen and trainable)
@@ -67,7 +67,8 @@ class MemoryEstimate:
         state = self.trainable_numbers * (4 + self.optimizer_state_bytes)  # fp32 gradients and optimizer state
         rest = self.peak - self.weights - state
         kinds = (
-            f"weights {self.weights / GIB:.2f}, gradients + optimizer {state / GIB:.2f}, activations {rest / GIB:.2f}"
+            f"weights {self.weights / GIB:.2f}, gradients + optimizer {state / GIB:.2f}, "
+            f"activations and temporaries {rest / GIB:.2f}"
         )
         return (
             f"estimated peak GPU memory {self.peak / GIB:.2f} GiB allocated ({kinds}); "
@@ -106,7 +107,9 @@ def _halve_batch(args: argparse.Namespace) -> argparse.Namespace | None:
 # Cheapest first: the planner proposes the first that fits, else the shortest cheapest-first combination.
 CHANGES = (
     Change(
-        "--use_8bit_adam", "no speed cost; 8-bit optimizer moments (bitsandbytes, CUDA)", _with(use_8bit_adam=True)
+        "--use_8bit_adam",
+        "no speed cost; 8-bit optimizer moments (bitsandbytes, CUDA)",
+        _with(use_8bit_adam=True, adam_fused=False),
     ),
     Change(
         "--cache_latents",
