@@ -261,7 +261,16 @@ def estimate(args: argparse.Namespace) -> MemoryEstimate:
     source = config_source(args.pretrained_model_name_or_path)
     weight_dtype = WEIGHT_DTYPES.get(args.mixed_precision, torch.float32)
     # The fake run measures AdamW's state; other optimizers are corrected by formula below.
-    fake_args = replace_args(args, optimizer="adamw", use_8bit_adam=False, pretrained_model_name_or_path=str(source))
+    # --compile and --channels_last change speed, not sizes (and compiling fake modules would only cost time).
+    fake_args = replace_args(
+        args,
+        optimizer="adamw",
+        use_8bit_adam=False,
+        adam_fused=False,
+        compile=False,
+        channels_last=False,
+        pretrained_model_name_or_path=str(source),
+    )
     scheduler = load_noise_scheduler(fake_args, {"revision": args.revision, "cache_dir": args.cache_dir})
     tokenizers = _tokenizers(source)
     tokens = None
