@@ -68,9 +68,10 @@ INSTANCE_PROMPT = "a photo of TOK dog"
 
 def recommended_flags(model_dir: Path, images: Path, classes: Path, resolution: int, batch: int, steps: int) -> dict:
     """The README's pivotal-tuning command (with prior preservation and rank 32), as {flag: value}."""
+    vae_dir = model_dir / "vae-fp16-fix" if (model_dir / "vae-fp16-fix").is_dir() else model_dir / "vae"
     return {
         "--pretrained_model_name_or_path": str(model_dir),
-        "--pretrained_vae_model_name_or_path": str(model_dir / "vae"),  # stands for madebyollin/sdxl-vae-fp16-fix
+        "--pretrained_vae_model_name_or_path": str(vae_dir),  # stands for madebyollin/sdxl-vae-fp16-fix
         "--instance_data_dir": str(images),
         "--instance_prompt": INSTANCE_PROMPT,
         "--train_text_encoder_ti": "",

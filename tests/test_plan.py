@@ -180,3 +180,21 @@ def test_compiled_transformer_blocks_give_the_same_loss_and_gradients(tiny_model
     assert grads.keys() == expected_grads.keys() and any(g.abs().sum() > 0 for g in grads.values())
     for name, grad in grads.items():
         torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_random_pipeline_folder_loads_as_the_benchmark_loads_sdxl(tiny_model, tmp_path, monkeypatch):
+    """The benchmark's model folder (written by `save_random_sdxl`, here from the tiny configs instead of SDXL's) loads
+    through the trainer's `load_sdxl` with the benchmark's flags: fp16 variant files and the separate VAE folder."""
+    from sdxl_pivotal.args import build_parser
+    from sdxl_pivotal.configs import save_random_sdxl
+    from sdxl_pivotal.models import load_sdxl
+
+    folder = save_random_sdxl(tmp_path / "model", torch.device("cpu"), source=tiny_model)
+    assert (folder / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    vae = str(folder / "vae-fp16-fix")
+    flags = ["--pretrained_model_name_or_path", str(folder), "--instance_prompt", "x", "--variant", "fp16"]
+    args = build_parser().parse_args([*flags, "--pretrained_vae_model_name_or_path", vae])
+    parts = load_sdxl(args)
+    assert list(parts.unet.config.block_out_channels) == [32, 64, 64]
+    assert next(parts.unet.parameters()).dtype == torch.float32  # fp16 files, upcast on load as from the Hub
+    assert parts.tokenizer("a photo of TOK dog").input_ids[0] == parts.tokenizer.bos_token_id

@@ -48,23 +48,25 @@ def models_from_configs(source: Path | str, vae_source: Path | str | None = None
     }
 
 
-def save_random_sdxl(output_dir: Path, device: torch.device, seed: int = 0) -> Path:
-    """Write a full-size SDXL base pipeline folder with random weights (fp16 files, variant "fp16": about 7 GB)
-    and the embedded tokenizers. The weights are drawn on `device` (seconds on a GPU); the trainer then loads the
-    folder exactly as it loads SDXL from the Hub (`--variant fp16`)."""
+def save_random_sdxl(output_dir: Path, device: torch.device, seed: int = 0, source: Path = SDXL_BASE) -> Path:
+    """Write a pipeline folder of the configs in `source` (default: full-size SDXL base) with random weights
+    (fp16 files, variant "fp16": about 7 GB for SDXL) and the embedded tokenizers, plus its VAE alone in
+    `vae-fp16-fix/` (no variant; stands for madebyollin/sdxl-vae-fp16-fix). The weights are drawn on `device`
+    (seconds on a GPU); the trainer then loads the folder exactly as it loads SDXL from the Hub (`--variant fp16`)."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     from ..tiny import build_clip_tokenizers
 
     torch.manual_seed(seed)
     with torch.device(device):
-        models = models_from_configs(SDXL_BASE)
+        models = models_from_configs(source)
     for model in models.values():
         model.to(torch.float16)
     tokenizer, tokenizer_2 = build_clip_tokenizers()
-    scheduler = EulerDiscreteScheduler.from_pretrained(SDXL_BASE, subfolder="scheduler")
+    scheduler = EulerDiscreteScheduler.from_pretrained(source, subfolder="scheduler")
     pipeline = StableDiffusionXLPipeline(
         tokenizer=tokenizer, tokenizer_2=tokenizer_2, scheduler=scheduler, force_zeros_for_empty_prompt=True, **models
     )
     pipeline.save_pretrained(output_dir, safe_serialization=True, variant="fp16")
+    models["vae"].save_pretrained(Path(output_dir) / "vae-fp16-fix", safe_serialization=True)
     return Path(output_dir)
