@@ -7,6 +7,8 @@ import logging
 
 import torch
 
+from .errors import InputError
+
 logger = logging.getLogger(__name__)
 
 
@@ -42,6 +44,9 @@ def parameter_groups(
 
 def create_optimizer(args: argparse.Namespace, groups: list[dict]) -> torch.optim.Optimizer:
     betas = (args.adam_beta1, args.adam_beta2)
+    fused = args.adam_fused
+    if fused and (args.use_8bit_adam or args.optimizer == "prodigy"):
+        raise InputError("--adam_fused is torch's AdamW kernel: not with --use_8bit_adam or --optimizer prodigy.")
     if args.optimizer == "prodigy":
         try:
             from prodigyopt import Prodigy
@@ -66,10 +71,17 @@ def create_optimizer(args: argparse.Namespace, groups: list[dict]) -> torch.opti
                 "--use_8bit_adam needs bitsandbytes (CUDA): pip install bitsandbytes, or drop the flag."
             ) from error
         optimizer_class = bnb.optim.AdamW8bit
+        options = {}
     else:
         optimizer_class = torch.optim.AdamW
+        options = {"fused": True} if fused else {}
     return optimizer_class(
-        groups, lr=args.learning_rate, betas=betas, weight_decay=args.adam_weight_decay, eps=args.adam_epsilon
+        groups,
+        lr=args.learning_rate,
+        betas=betas,
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+        **options,
     )
 
 

@@ -58,6 +58,7 @@ from .losses import (
 from .models import SDXLParts, check_mixed_precision, check_model_source, load_sdxl, place_models, trained_models
 from .monitor import Requests, TrainingMonitor
 from .optim import create_lr_scheduler, create_optimizer, parameter_groups, trainable_parameters
+from .plan import log_estimate
 from .prompts import PromptEncoder
 from .tokens import PivotalTokens, add_new_tokens, embeddings_state
 from .validation import final_validation, is_validation_step, validate_during_training
@@ -323,6 +324,10 @@ def prepare_models(
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     place_models(parts, device, weight_dtype, vae_fp32=not args.pretrained_vae_model_name_or_path)
+    if args.channels_last:
+        parts.unet.to(memory_format=torch.channels_last)
+    if args.compile:
+        parts.unet.compile_repeated_blocks()  # each transformer block compiled once, reused by all its copies
     return adapter_plan
 
 
@@ -372,6 +377,8 @@ def train(args: argparse.Namespace) -> Path:
     num_epochs = math.ceil(total_steps / plan.steps_per_epoch)
     text_encoder_stop = text_training_stop(args, total_steps)
 
+    if args.memory_plan and accelerator.device.type == "cuda" and accelerator.is_local_main_process:
+        log_estimate(args, accelerator.device)  # before minutes of loading: does it fit?
     parts, adapter_plan, weight_dtype = build_models(args, accelerator, tokens, seed)
     if args.cache_latents:
         cache_dir = Path(args.latents_cache_dir) if args.latents_cache_dir else None

@@ -85,6 +85,7 @@ def optimizer_args(**overrides) -> SimpleNamespace:
     values = dict(
         optimizer="adamw",
         use_8bit_adam=False,
+        adam_fused=False,
         learning_rate=1e-4,
         text_encoder_lr=5e-6,
         adam_beta1=0.9,
