@@ -11,7 +11,6 @@ import argparse
 import importlib.util
 import os
 import re
-import sys
 import warnings
 from pathlib import Path
 
