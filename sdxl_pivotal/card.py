@@ -262,7 +262,7 @@ def write_model_card(
 
 
 # Not uploaded: intermediate training state and tracker logs.
-HUB_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "logs/**", ".*", ".*/**"]
+HUB_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "logs/**", "metrics.jsonl", "control/**", ".*", ".*/**"]
 
 
 def hub_api(token: str | None):

@@ -37,7 +37,7 @@ STATE_FILE = "training_state.json"
 PARAMS_FILE = "trainable_state.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 # What a checkpoint holds besides its state (the user-facing files): safetensors only.
-CHECKPOINT_SUFFIXES = (".safetensors", ".json")
+CHECKPOINT_SUFFIXES = (".safetensors", ".json", ".yaml")  # weights, state, training_config.yaml
 
 
 @dataclass

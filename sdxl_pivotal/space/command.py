@@ -34,6 +34,9 @@ APP_OWNED = (
     "hub_token",
     "hub_model_id",
     "local_rank",
+    "datasets",  # several folders come from a config file; the app trains the images uploaded here
+    "config",
+    "print_config",
 )
 # Shown in view; every other flag goes in the advanced sections.
 COMMON = (
