@@ -24,6 +24,7 @@ from PIL import Image, ImageOps
 
 from .buckets import Size, assign_bucket, log_bucket_table, make_buckets
 from .errors import InputError
+from .rng import caption_rng, class_sample_rng, epoch_order_generator, sample_rng
 
 logger = logging.getLogger(__name__)
 
@@ -326,21 +327,22 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         size = self.sizes[index % len(self.records)]
         if self.latent_cache is not None:
             return self._cached_sample(epoch, index, size)
-        sample = self._prepare(self.records[index % len(self.records)], size, [self.seed, epoch, index])
+        sample = self._prepare(self.records[index % len(self.records)], size, sample_rng(self.seed, epoch, index))
         sample.caption = self._caption(sample.caption, epoch, index)
         if self.class_records:
             record = self.class_records[(epoch * len(self) + index) % len(self.class_records)]
-            sample.prior = self._prepare(record, size, [self.seed, epoch, index, 1])  # same size: one batch
+            # The same size as its instance sample: one batch.
+            sample.prior = self._prepare(record, size, class_sample_rng(self.seed, epoch, index))
         return sample
 
     def _caption(self, caption: str, epoch: int, index: int) -> str:
         if not any(self.caption_options):
             return caption
-        return transform_caption(caption, np.random.default_rng([self.seed, epoch, index, 2]), *self.caption_options)
+        return transform_caption(caption, caption_rng(self.seed, epoch, index), *self.caption_options)
 
     def _cached_sample(self, epoch: int, index: int, size: Size) -> Sample:
         """The sample from cached latents: only the flip (and the caption) change from epoch to epoch."""
-        flipped = self.random_flip and np.random.default_rng([self.seed, epoch, index]).random() < 0.5
+        flipped = self.random_flip and sample_rng(self.seed, epoch, index).random() < 0.5
         record_index = index % len(self.records)
         sample = self._from_cache((False, record_index, size, flipped), self.records[record_index].caption, size)
         sample.caption = self._caption(sample.caption, epoch, index)
@@ -354,9 +356,8 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         entry = self.latent_cache[key]
         return Sample(None, caption, entry.original_size, entry.crop_top_left, size.hw, None, entry.params)
 
-    def _prepare(self, record: ImageRecord, size: Size, rng_key: list[int]) -> Sample:
+    def _prepare(self, record: ImageRecord, size: Size, rng: np.random.Generator) -> Sample:
         resized, original_size = self._resized_image(record, size)
-        rng = np.random.default_rng(rng_key)
         pixels, crop = crop_and_flip(resized, size, rng, self.center_crop, self.random_flip)
         return Sample(pixels, record.caption, original_size, crop, size.hw)
 
@@ -463,7 +464,7 @@ class StepPlan:
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / accumulation)
 
     def epoch_batches(self, epoch: int) -> list[list[tuple[int, int]]]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        generator = epoch_order_generator(self.seed, epoch)
         order = torch.randperm(self.num_samples, generator=generator).tolist()
         if self.groups is not None:
             return self._grouped_batches(epoch, order, generator)

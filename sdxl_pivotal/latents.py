@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from .buckets import Size
 from .export import save_safetensors
+from .rng import cached_crop_rng
 
 logger = logging.getLogger(__name__)
 
@@ -45,13 +46,13 @@ def vae_fingerprint(vae: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def fixed_crop(dataset, record, size: Size, rng_key: list[int]) -> tuple[list, list, tuple[int, int]]:
+def fixed_crop(dataset, record, size: Size, rng: np.random.Generator) -> tuple[list, list, tuple[int, int]]:
     """The record's pixels at `size` with its one crop for the run, unflipped and flipped:
     ([pixels, flipped pixels], [crop, flipped crop]); only the first of each without --random_flip."""
     from .data import crop_and_flip
 
     resized, original_size = dataset._resized_image(record, size)
-    pixels, (top, left) = crop_and_flip(resized, size, np.random.default_rng(rng_key), dataset.center_crop, False)
+    pixels, (top, left) = crop_and_flip(resized, size, rng, dataset.center_crop, False)
     variants, crops = [pixels], [(top, left)]
     if dataset.random_flip:
         variants.append(pixels.flip(-1))
@@ -108,8 +109,8 @@ def build_latent_cache(dataset, vae: torch.nn.Module, cache_dir: Path | None, ba
 def _jobs(dataset, is_class: bool, index: int, record, sizes: list[Size]) -> list:
     jobs = []
     for size in sizes:
-        rng_key = [dataset.seed, index, 3, int(is_class)]
-        variants, crops, original_size = fixed_crop(dataset, record, size, rng_key)
+        rng = cached_crop_rng(dataset.seed, index, is_class)
+        variants, crops, original_size = fixed_crop(dataset, record, size, rng)
         for flipped, (pixels, crop) in enumerate(zip(variants, crops, strict=True)):
             jobs.append(((is_class, index, size, bool(flipped)), pixels, original_size, crop))
     return jobs
