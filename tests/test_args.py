@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -344,39 +343,36 @@ def test_reference_flag_default(flag, default):
 # ---------------------------------------------------------------------------------------------- the real CLI
 
 
-def run_cli(*flags: str) -> tuple[subprocess.CompletedProcess, float]:
+def run_cli(*flags: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONPATH": str(REPO)}
     env.pop("LOCAL_RANK", None)
-    start = time.monotonic()
-    result = subprocess.run(
+    return subprocess.run(
         [sys.executable, str(SCRIPT), *flags], capture_output=True, text=True, timeout=120, cwd=REPO, env=env
     )
-    return result, time.monotonic() - start
 
 
-def assert_clean_failure(result: subprocess.CompletedProcess, seconds: float, message: str) -> None:
+def assert_clean_failure(result: subprocess.CompletedProcess, message: str) -> None:
     assert result.returncode != 0
     assert message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     # Reaching model loading would have failed on the missing model path instead.
     assert MISSING_MODEL not in result.stderr
-    assert seconds < 60
 
 
 def test_cli_missing_data_folder(argv, tmp_path):
     missing = tmp_path / "no-such-folder"
-    result, seconds = run_cli(*without(argv, "--instance_data_dir"), "--instance_data_dir", str(missing))
-    assert_clean_failure(result, seconds, f"--instance_data_dir {missing} does not exist")
+    result = run_cli(*without(argv, "--instance_data_dir"), "--instance_data_dir", str(missing))
+    assert_clean_failure(result, f"--instance_data_dir {missing} does not exist")
     assert not (tmp_path / "out").exists()
 
 
 def test_cli_contradictory_flags(argv, tmp_path):
-    result, seconds = run_cli(*argv, "--do_edm_style_training", "--snr_gamma", "5")
-    assert_clean_failure(result, seconds, "Drop one of --snr_gamma and --do_edm_style_training")
+    result = run_cli(*argv, "--do_edm_style_training", "--snr_gamma", "5")
+    assert_clean_failure(result, "Drop one of --snr_gamma and --do_edm_style_training")
     assert not (tmp_path / "out").exists()
 
 
 def test_cli_corrupt_image(argv, image_dir):
     (image_dir / "broken.jpg").write_bytes(b"not a jpeg")
-    result, seconds = run_cli(*argv, "--seed", "0")
-    assert_clean_failure(result, seconds, f"Cannot read image {image_dir / 'broken.jpg'}")
+    result = run_cli(*argv, "--seed", "0")
+    assert_clean_failure(result, f"Cannot read image {image_dir / 'broken.jpg'}")
