@@ -200,8 +200,8 @@ def _dataset_record(value: object, caption: str, row: int, args: argparse.Namesp
     the image file's path or its encoded bytes, not its pixels; `row` counts from 1."""
     column = args.image_column
     if isinstance(value, Image.Image):
-        image = to_rgb(value)
-        return ImageRecord(caption, image=image, size=checked_size(image, f"in row {row} of column {column!r}"))
+        image, label = to_rgb(value), f"the image in row {row} of column {column!r}"
+        return ImageRecord(caption, image=image, size=checked_size(image, label), label=label)
     if isinstance(value, dict) and (value.get("bytes") or value.get("path")):
         label = f"{value.get('path') or 'in the dataset'} (row {row} of column {column!r})"
         if value.get("bytes"):
