@@ -287,3 +287,14 @@ def test_each_new_row_gets_the_gradient_of_its_own_token(tiny_model, demo_images
     torch.testing.assert_close(wrapped.new_rows.grad, expected, rtol=1e-5, atol=1e-7)
     assert torch.count_nonzero(wrapped.new_rows.grad[1]) == 0
     assert wrapped.new_rows.grad[0].abs().sum() > 0 and wrapped.new_rows.grad[2].abs().sum() > 0
+
+
+def test_class_pairing_walks_through_every_class_image(tiny_model, demo_images, tmp_path):
+    """2 instance images, 5 class images: over 3 epochs the pairs take class images 0, 1, 2, 3, 4, 0 in turn
+    (the reference would pair instance i with class i forever and never use class images 2 to 4)."""
+    args = flags(tiny_model, demo_images, tmp_path)
+    instances = load_records(args)[:2]
+    classes = [ImageRecord(f"class {i}", image=noise_photo(64, 64, seed=i)) for i in range(5)]
+    dataset = DreamBoothDataset(instances, args, seed=0, class_records=classes)
+    used = [dataset[(epoch, i)].prior.caption for epoch in range(3) for i in range(2)]
+    assert used == [f"class {k % 5}" for k in range(6)]
