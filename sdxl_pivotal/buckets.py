@@ -10,10 +10,22 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
+from typing import NamedTuple
 
 logger = logging.getLogger(__name__)
 
-Size = tuple[int, int]  # (width, height)
+
+class Size(NamedTuple):
+    """A picture's size in pixels, named so that the two orders never mix: PIL and the buckets speak
+    (width, height), SDXL's micro-conditioning and image tensors (height, width): `size.hw`."""
+
+    width: int
+    height: int
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        """(height, width), the order of SDXL's time ids and of tensor shapes."""
+        return self.height, self.width
 
 
 def make_buckets(resolution: int, min_side: int, max_side: int, step: int) -> list[Size]:
@@ -24,8 +36,8 @@ def make_buckets(resolution: int, min_side: int, max_side: int, step: int) -> li
     for width in range(min_side, max_side + 1, step):
         height = min(max_side, (max_area // width) // step * step)
         if height >= min_side:
-            buckets.add((width, height))
-    return sorted(buckets, key=lambda size: size[0] / size[1])
+            buckets.add(Size(width, height))
+    return sorted(buckets, key=lambda size: size.width / size.height)
 
 
 def assign_bucket(image_size: Size, buckets: list[Size], step: int, upscale: bool) -> Size:
@@ -34,11 +46,13 @@ def assign_bucket(image_size: Size, buckets: list[Size], step: int, upscale: boo
     shape that it covers, rounded down to `step`."""
     width, height = image_size
     log_ratio = math.log(width / height)
-    bucket = min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - log_ratio), -b[0] * b[1]))
-    shrink = min(width / bucket[0], height / bucket[1])
+    bucket = min(buckets, key=lambda b: (abs(math.log(b.width / b.height) - log_ratio), -b.width * b.height))
+    shrink = min(width / bucket.width, height / bucket.height)
     if upscale or shrink >= 1.0:
         return bucket
-    return max(step, int(bucket[0] * shrink) // step * step), max(step, int(bucket[1] * shrink) // step * step)
+    return Size(
+        max(step, int(bucket.width * shrink) // step * step), max(step, int(bucket.height * shrink) // step * step)
+    )
 
 
 def log_bucket_table(sizes: list[Size]) -> None:

@@ -165,11 +165,6 @@ def ui_instructions(args: argparse.Namespace, tokens: PivotalTokens | None) -> s
     comfy += f" Prompt: `{trigger(f'embedding:{emb_name}')}`"
     if args.use_dora:
         applied = "Forge and ComfyUI apply this model's DoRA exactly (at strength 1); AUTOMATIC1111 does not"
-    elif args.adapter == "lokr" and args.use_effective_conv2d and args.conv_rank:
-        applied = (
-            "AUTOMATIC1111 applies the trained weights; ComfyUI and Forge fail to apply LoKr's Tucker form of the "
-            "3x3 convolutions (`--use_effective_conv2d`)"
-        )
     else:
         applied = "all three apply the trained weights"
     return f"""## Use it in AUTOMATIC1111, Forge or ComfyUI

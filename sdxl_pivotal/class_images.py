@@ -66,13 +66,6 @@ def list_images(folder: Path) -> list[Path]:
     )
 
 
-def image_seed(seed: int, index: int) -> int:
-    """The seed of class image `index`: a function of (seed, index) only."""
-    import numpy as np
-
-    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0])
-
-
 def prepare_class_dir(class_dir: Path) -> None:
     """Create the class-image folder if needed; raise InputError if it is a file or cannot be created."""
     if class_dir.exists() and not class_dir.is_dir():
@@ -121,7 +114,9 @@ def generate_batch(
     """Class images `indices`, each drawn from its own (seed, index) generator (CPU, device-independent)."""
     import torch
 
-    generators = [torch.Generator().manual_seed(image_seed(seed, i)) for i in indices]
+    from .rng import class_image_seed  # imports torch, which flag checking does not need
+
+    generators = [torch.Generator().manual_seed(class_image_seed(seed, i)) for i in indices]
     output = pipeline(
         prompt=prompt,
         num_images_per_prompt=len(indices),

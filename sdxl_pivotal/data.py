@@ -1,7 +1,8 @@
 """Training images: where they come from, how each becomes a tensor, and in what order they are seen.
 
 Sources: a plain folder (`--instance_data_dir`), or a datasets ImageFolder / Hub dataset (`--dataset_name`)
-with an optional caption column. Every image is checked when the dataset is built, before any model loads.
+with an optional caption column. Every image is checked when the dataset is built, before any model loads; then
+only its file (or a dataset's encoded bytes) is kept, and it is decoded again when a sample needs it.
 
 Order and augmentation are pure functions of (seed, epoch, sample): the same seed gives the same batches,
 and a resumed run sees exactly the batches the uninterrupted run would have seen.
@@ -21,8 +22,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .buckets import Size, assign_bucket, log_bucket_table, make_buckets
 from .config import dataset_entries
 from .errors import InputError
+from .rng import caption_rng, class_sample_rng, epoch_order_generator, sample_rng
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +38,12 @@ _PIL_FILTERS = {
     "hamming": Image.Resampling.HAMMING,
     "lanczos": Image.Resampling.LANCZOS,
 }
+
+
+# Training images with a shorter side below this carry too little to learn from; they are refused, named.
+MIN_IMAGE_SIDE = 32
+# An image upscaled more than this much to its training size is named in a warning (it will look soft).
+MAX_UPSCALE = 2.0
 
 
 def image_extensions() -> set[str]:
@@ -76,25 +85,43 @@ def open_image(path: Path | io.BytesIO, name: str | None = None) -> Image.Image:
 
 @dataclass
 class ImageRecord:
-    """One training image: a file path or an in-memory image from a dataset, and its caption."""
+    """One training image and its caption. Its pixels come from a file (`path`), a dataset's encoded image file
+    (`encoded`, decoded when needed, so a dataset is never held decoded in memory) or an image in memory."""
 
     caption: str
     path: Path | None = None
     image: Image.Image | None = None
-    size: tuple[int, int] | None = None  # (width, height), upright; filled when the image is first decoded
+    size: Size | None = None  # upright; filled when the image is first decoded
+    encoded: bytes | None = None
+    label: str | None = None  # how messages name it, when not by its path
 
     def load(self) -> Image.Image:
-        image = open_image(self.path) if self.path is not None else to_rgb(self.image)
-        self.size = image.size
+        if self.path is not None:
+            image = open_image(self.path, self.label)
+        elif self.encoded is not None:
+            image = open_image(io.BytesIO(self.encoded), self.name)
+        else:
+            image = to_rgb(self.image)
+        self.size = Size(*image.size)
         return image
 
-    def dimensions(self) -> tuple[int, int]:
-        """(width, height) of the upright image."""
-        return self.size if self.size is not None else self.load().size
+    def dimensions(self) -> Size:
+        """The upright image's size."""
+        return self.size if self.size is not None else Size(*self.load().size)
 
     @property
     def name(self) -> str:
-        return str(self.path) if self.path is not None else "dataset row"
+        return self.label or (str(self.path) if self.path is not None else "an image in memory")
+
+
+def checked_size(image: Image.Image, name: str) -> Size:
+    """The size of a training image, refused (named) when it is too small to learn from."""
+    if min(image.size) < MIN_IMAGE_SIDE:
+        raise InputError(
+            f"Image {name} is only {image.width}x{image.height} pixels; training images need at least "
+            f"{MIN_IMAGE_SIDE} px on each side. Remove it or use a larger version."
+        )
+    return Size(*image.size)
 
 
 def records_from_folder(folder: Path, instance_prompt: str, caption_extension: str = ".txt") -> list[ImageRecord]:
@@ -114,7 +141,7 @@ def records_from_folder(folder: Path, instance_prompt: str, caption_extension: s
     records = []
     for path in images:
         caption = sidecar_caption(path, caption_extension) or instance_prompt
-        records.append(ImageRecord(caption=caption, path=path, size=open_image(path).size))
+        records.append(ImageRecord(caption=caption, path=path, size=checked_size(open_image(path), str(path))))
     captioned = sum(path.with_suffix(caption_extension).is_file() for path in images)
     logger.info(
         "%d of %d images have a %s caption file; the others use --instance_prompt.",
@@ -157,28 +184,47 @@ def records_from_dataset(args: argparse.Namespace) -> list[ImageRecord]:
     if len(dataset) == 0:
         raise InputError(f"Dataset {args.dataset_name} has no rows.")
     if isinstance(dataset.features[args.image_column], ImageFeature):
-        # Decode here rather than inside datasets, so a bad file fails now and the error names it.
+        # Undecoded: a bad file fails here, named, and only its path or encoded bytes are kept.
         dataset = dataset.cast_column(args.image_column, ImageFeature(decode=False))
     records = []
     for i, row in enumerate(dataset):
-        image = _dataset_image(row[args.image_column], i, args.image_column)
         caption = row[args.caption_column] if args.caption_column else args.instance_prompt
         if not isinstance(caption, str) or not caption.strip():
-            logger.warning("Row %d has no caption; using --instance_prompt.", i)
+            logger.warning("Row %d has no caption; using --instance_prompt.", i + 1)
             caption = args.instance_prompt
-        records.append(ImageRecord(caption=caption, image=image, size=image.size))
+        records.append(_dataset_record(row[args.image_column], caption, i + 1, args))
     return records
 
 
-def _dataset_image(value: object, row: int, column: str) -> Image.Image:
-    """A dataset cell (an undecoded `{"bytes", "path"}` image or a PIL image) as a checked RGB image."""
+def _dataset_record(value: object, caption: str, row: int, args: argparse.Namespace) -> ImageRecord:
+    """A dataset cell (an undecoded `{"bytes", "path"}` image, or a PIL image) as a checked record that keeps
+    the image file's path or its encoded bytes, not its pixels; `row` counts from 1."""
+    column = args.image_column
     if isinstance(value, Image.Image):
-        return to_rgb(value)
+        image, label = to_rgb(value), f"the image in row {row} of column {column!r}"
+        return ImageRecord(caption, image=image, size=checked_size(image, label), label=label)
     if isinstance(value, dict) and (value.get("bytes") or value.get("path")):
-        name = f"{value.get('path') or 'in the dataset'} (row {row} of column {column!r})"
-        source = io.BytesIO(value["bytes"]) if value.get("bytes") else Path(value["path"])
-        return open_image(source, name)
+        label = f"{value.get('path') or 'in the dataset'} (row {row} of column {column!r})"
+        if value.get("bytes"):
+            size = checked_size(open_image(io.BytesIO(value["bytes"]), label), label)
+            return ImageRecord(caption, size=size, encoded=value["bytes"], label=label)
+        path = Path(value["path"])
+        return ImageRecord(caption, path=path, size=checked_size(open_image(path, label), label), label=label)
+    if value is None:
+        raise InputError(
+            f"Row {row} of {args.dataset_name} has no image in column {column!r}.{_metadata_hint(args, row)}"
+        )
     raise InputError(f"Row {row} of column {column!r} is not an image ({type(value).__name__}).")
+
+
+def _metadata_hint(args: argparse.Namespace, row: int) -> str:
+    """For a local ImageFolder, where the row with no image comes from: a metadata file row without `file_name`."""
+    folder = Path(args.dataset_name)
+    if not folder.is_dir():
+        return ""
+    files = sorted(p for p in folder.rglob("metadata.*") if p.suffix in (".jsonl", ".csv", ".parquet"))
+    where = str(files[0]) if len(files) == 1 else f"the metadata file of {folder}"
+    return f' Row {row} of {where} has no "file_name" field: add the image\'s file name to it, or remove the row.'
 
 
 def load_records(args: argparse.Namespace) -> list[ImageRecord]:
@@ -193,25 +239,25 @@ class Sample:
 
     pixel_values: torch.Tensor | None  # [3, H, W] in [-1, 1]; None when cached latents stand in
     caption: str
-    original_size: tuple[int, int]
+    original_size: tuple[int, int]  # (height, width)
     crop_top_left: tuple[int, int]
-    target_size: tuple[int, int]
+    target_size: tuple[int, int]  # (height, width)
     prior: Sample | None = None  # with prior preservation: the class image paired with this one
     latent_params: torch.Tensor | None = None  # --cache_latents: the VAE posterior's mean and log-variance
 
 
-def resize_to_cover(image: Image.Image, size: tuple[int, int], interpolation: str) -> Image.Image:
-    """Scale, keeping the aspect ratio, to the smallest size that covers `size` (width, height)."""
-    scale = max(size[0] / image.width, size[1] / image.height)
-    width, height = max(size[0], round(image.width * scale)), max(size[1], round(image.height * scale))
+def resize_to_cover(image: Image.Image, size: Size, interpolation: str) -> Image.Image:
+    """Scale, keeping the aspect ratio, to the smallest size that covers `size`."""
+    scale = max(size.width / image.width, size.height / image.height)
+    width, height = max(size.width, round(image.width * scale)), max(size.height, round(image.height * scale))
     return image.resize((width, height), resample=_PIL_FILTERS[interpolation])
 
 
 def crop_and_flip(
-    image: Image.Image, size: tuple[int, int], rng: np.random.Generator, center_crop: bool, random_flip: bool
+    image: Image.Image, size: Size, rng: np.random.Generator, center_crop: bool, random_flip: bool
 ) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Crop `size` (width, height) from a resized image, maybe flip it; return pixels in [-1, 1] and the crop's
-    top-left in the resized image's pixels, as SDXL was trained to expect."""
+    """Crop `size` from a resized image, maybe flip it; return pixels in [-1, 1] and the crop's (top, left) in
+    the resized image's pixels, as SDXL was trained to expect."""
     (width, height), (crop_width, crop_height) = image.size, size
     if center_crop:
         top, left = (height - crop_height) // 2, (width - crop_width) // 2
@@ -263,8 +309,8 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     ):
         self.records = records
         self.class_records = class_records or []
-        self._resized: dict[tuple[int, tuple[int, int]], tuple[Image.Image, tuple[int, int]]] = {}
-        self.sizes = training_sizes(records, args)  # (width, height) of each record: a square or its bucket
+        self._resized: dict[tuple[int, Size], tuple[Image.Image, tuple[int, int]]] = {}
+        self.sizes = training_sizes(records, args)  # each record's: the --resolution square or its bucket
         self.latent_cache: dict | None = None  # set by latents.build_latent_cache with --cache_latents
         self.repeats = args.repeats
         self.resolution = args.resolution
@@ -282,21 +328,22 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         size = self.sizes[index % len(self.records)]
         if self.latent_cache is not None:
             return self._cached_sample(epoch, index, size)
-        sample = self._prepare(self.records[index % len(self.records)], size, [self.seed, epoch, index])
+        sample = self._prepare(self.records[index % len(self.records)], size, sample_rng(self.seed, epoch, index))
         sample.caption = self._caption(sample.caption, epoch, index)
         if self.class_records:
             record = self.class_records[(epoch * len(self) + index) % len(self.class_records)]
-            sample.prior = self._prepare(record, size, [self.seed, epoch, index, 1])  # same size: one batch
+            # The same size as its instance sample: one batch.
+            sample.prior = self._prepare(record, size, class_sample_rng(self.seed, epoch, index))
         return sample
 
     def _caption(self, caption: str, epoch: int, index: int) -> str:
         if not any(self.caption_options):
             return caption
-        return transform_caption(caption, np.random.default_rng([self.seed, epoch, index, 2]), *self.caption_options)
+        return transform_caption(caption, caption_rng(self.seed, epoch, index), *self.caption_options)
 
-    def _cached_sample(self, epoch: int, index: int, size: tuple[int, int]) -> Sample:
+    def _cached_sample(self, epoch: int, index: int, size: Size) -> Sample:
         """The sample from cached latents: only the flip (and the caption) change from epoch to epoch."""
-        flipped = self.random_flip and np.random.default_rng([self.seed, epoch, index]).random() < 0.5
+        flipped = self.random_flip and sample_rng(self.seed, epoch, index).random() < 0.5
         record_index = index % len(self.records)
         sample = self._from_cache((False, record_index, size, flipped), self.records[record_index].caption, size)
         sample.caption = self._caption(sample.caption, epoch, index)
@@ -306,38 +353,53 @@ class DreamBoothDataset(torch.utils.data.Dataset):
             sample.prior = self._from_cache((True, class_index, size, flipped), caption, size)
         return sample
 
-    def _from_cache(self, key: tuple, caption: str, size: tuple[int, int]) -> Sample:
+    def _from_cache(self, key: tuple, caption: str, size: Size) -> Sample:
         entry = self.latent_cache[key]
-        return Sample(None, caption, entry.original_size, entry.crop_top_left, (size[1], size[0]), None, entry.params)
+        return Sample(None, caption, entry.original_size, entry.crop_top_left, size.hw, None, entry.params)
 
-    def _prepare(self, record: ImageRecord, size: tuple[int, int], rng_key: list[int]) -> Sample:
+    def _prepare(self, record: ImageRecord, size: Size, rng: np.random.Generator) -> Sample:
         resized, original_size = self._resized_image(record, size)
-        rng = np.random.default_rng(rng_key)
         pixels, crop = crop_and_flip(resized, size, rng, self.center_crop, self.random_flip)
-        return Sample(pixels, record.caption, original_size, crop, (size[1], size[0]))
+        return Sample(pixels, record.caption, original_size, crop, size.hw)
 
-    def _resized_image(self, record: ImageRecord, size: tuple[int, int]) -> tuple[Image.Image, tuple[int, int]]:
+    def _resized_image(self, record: ImageRecord, size: Size) -> tuple[Image.Image, tuple[int, int]]:
         """The record's image resized to cover `size`, and its original (height, width)."""
         key = (id(record), size)
         cached = self._resized.get(key)
         if cached is None:
             image = record.load()
-            cached = (resize_to_cover(image, size, self.interpolation), (image.height, image.width))
+            cached = (resize_to_cover(image, size, self.interpolation), Size(*image.size).hw)
             if len(self._resized) < RESIZED_CACHE_IMAGES:
                 self._resized[key] = cached
         return cached
 
 
-def training_sizes(records: list[ImageRecord], args: argparse.Namespace) -> list[tuple[int, int]]:
-    """The (width, height) each record is trained at: the --resolution square, or its aspect-ratio bucket."""
+def training_sizes(records: list[ImageRecord], args: argparse.Namespace) -> list[Size]:
+    """The size each record is trained at: the --resolution square, or its aspect-ratio bucket."""
     if not args.aspect_ratio_bucketing:
-        return [(args.resolution, args.resolution)] * len(records)
-    from .buckets import assign_bucket, log_bucket_table, make_buckets
-
-    buckets = make_buckets(args.resolution, args.bucket_min_side, args.bucket_max_side, args.bucket_step)
-    sizes = [assign_bucket(r.dimensions(), buckets, args.bucket_step, args.bucket_upscale) for r in records]
-    log_bucket_table(sizes)
+        sizes = [Size(args.resolution, args.resolution)] * len(records)
+    else:
+        buckets = make_buckets(args.resolution, args.bucket_min_side, args.bucket_max_side, args.bucket_step)
+        sizes = [assign_bucket(r.dimensions(), buckets, args.bucket_step, args.bucket_upscale) for r in records]
+        log_bucket_table(sizes)
+    warn_about_upscaling(records, sizes)
     return sizes
+
+
+def warn_about_upscaling(records: list[ImageRecord], sizes: list[Size]) -> None:
+    """One warning naming the images that are upscaled more than MAX_UPSCALE times to their training size."""
+    upscaled = []
+    for record, size in zip(records, sizes, strict=True):
+        width, height = record.dimensions()
+        if max(size.width / width, size.height / height) > MAX_UPSCALE:
+            upscaled.append(f"{record.name} ({width}x{height})")
+    if upscaled:
+        logger.warning(
+            "%d image(s) are upscaled more than %gx to their training size and will train soft: %s",
+            len(upscaled),
+            MAX_UPSCALE,
+            ", ".join(upscaled[:10]),
+        )
 
 
 @dataclass
@@ -403,7 +465,7 @@ class StepPlan:
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / accumulation)
 
     def epoch_batches(self, epoch: int) -> list[list[tuple[int, int]]]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        generator = epoch_order_generator(self.seed, epoch)
         order = torch.randperm(self.num_samples, generator=generator).tolist()
         if self.groups is not None:
             return self._grouped_batches(epoch, order, generator)

@@ -19,18 +19,20 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from .buckets import Size
 from .export import save_safetensors
+from .rng import cached_crop_rng
 
 logger = logging.getLogger(__name__)
 
-# (is a class image, record index, (width, height), flipped)
-CacheKey = tuple[bool, int, tuple[int, int], bool]
+# (is a class image, record index, training size, flipped)
+CacheKey = tuple[bool, int, Size, bool]
 
 
 @dataclass
 class CachedLatents:
     params: torch.Tensor  # [2 x latent channels, h, w]: posterior mean and log-variance, float32, CPU
-    original_size: tuple[int, int]
+    original_size: tuple[int, int]  # (height, width)
     crop_top_left: tuple[int, int]
 
 
@@ -44,17 +46,17 @@ def vae_fingerprint(vae: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def fixed_crop(dataset, record, size: tuple[int, int], rng_key: list[int]) -> tuple[list, list, tuple[int, int]]:
+def fixed_crop(dataset, record, size: Size, rng: np.random.Generator) -> tuple[list, list, tuple[int, int]]:
     """The record's pixels at `size` with its one crop for the run, unflipped and flipped:
     ([pixels, flipped pixels], [crop, flipped crop]); only the first of each without --random_flip."""
     from .data import crop_and_flip
 
     resized, original_size = dataset._resized_image(record, size)
-    pixels, (top, left) = crop_and_flip(resized, size, np.random.default_rng(rng_key), dataset.center_crop, False)
+    pixels, (top, left) = crop_and_flip(resized, size, rng, dataset.center_crop, False)
     variants, crops = [pixels], [(top, left)]
     if dataset.random_flip:
         variants.append(pixels.flip(-1))
-        crops.append((top, resized.width - left - size[0]))  # the mirrored crop's left edge, as in crop_and_flip
+        crops.append((top, resized.width - left - size.width))  # the mirrored crop's left edge, as in crop_and_flip
     return variants, crops, original_size
 
 
@@ -104,11 +106,11 @@ def build_latent_cache(dataset, vae: torch.nn.Module, cache_dir: Path | None, ba
     return cache
 
 
-def _jobs(dataset, is_class: bool, index: int, record, sizes: list[tuple[int, int]]) -> list:
+def _jobs(dataset, is_class: bool, index: int, record, sizes: list[Size]) -> list:
     jobs = []
     for size in sizes:
-        rng_key = [dataset.seed, index, 3, int(is_class)]
-        variants, crops, original_size = fixed_crop(dataset, record, size, rng_key)
+        rng = cached_crop_rng(dataset.seed, index, is_class)
+        variants, crops, original_size = fixed_crop(dataset, record, size, rng)
         for flipped, (pixels, crop) in enumerate(zip(variants, crops, strict=True)):
             jobs.append(((is_class, index, size, bool(flipped)), pixels, original_size, crop))
     return jobs

@@ -10,7 +10,6 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, broadcast_object_list
@@ -60,6 +59,7 @@ from .monitor import Requests, TrainingMonitor
 from .optim import create_lr_scheduler, create_optimizer, parameter_groups, trainable_parameters
 from .plan import log_estimate
 from .prompts import PromptEncoder
+from .rng import drawn_seed, step_seed
 from .tokens import PivotalTokens, add_new_tokens, embeddings_state
 from .validation import final_validation, is_validation_step, validate_during_training
 
@@ -71,9 +71,9 @@ WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 def step_generator(seed: int, step: int, process_index: int) -> torch.Generator:
     """All randomness of one optimizer step (VAE sampling, noise, timesteps, dropout) derives from
     (seed, step, process): a resumed run draws exactly what the uninterrupted run drew."""
-    step_seed = int(np.random.SeedSequence([seed, step, process_index]).generate_state(1, dtype=np.uint64)[0])
-    torch.manual_seed(step_seed)  # modules that use the global RNG, such as LoRA dropout
-    return torch.Generator().manual_seed(step_seed)
+    derived = step_seed(seed, step, process_index)
+    torch.manual_seed(derived)  # modules that use the global RNG, such as LoRA dropout
+    return torch.Generator().manual_seed(derived)
 
 
 def batch_loss(
@@ -164,7 +164,7 @@ def resolve_seed(args: argparse.Namespace, accelerator: Accelerator, checkpoint:
         return seed
     if args.seed is not None:
         return args.seed
-    drawn = [int(np.random.SeedSequence().generate_state(1)[0]) if accelerator.is_main_process else 0]
+    drawn = [drawn_seed() if accelerator.is_main_process else 0]
     seed = broadcast_object_list(drawn)[0] if accelerator.num_processes > 1 else drawn[0]
     logger.info("No --seed given; using seed %d (recorded in checkpoints).", seed)
     return seed

@@ -376,7 +376,8 @@ def test_bad_input_is_one_line_without_traceback(tiny_model, tmp_path, capsys):
 @pytest.mark.parametrize("family", ["loha_tucker", "lokr_decomposed"])
 def test_convert_round_trips_lycoris_families(family, tiny_model, demo_images, tmp_path):
     """LoHa and LoKr (Tucker convolutions, both LoKr factors low-rank, factor 4): diffusers -> kohya -> diffusers
-    gives back the same tensors, and the kohya file loads with the same behaviour."""
+    gives back the same tensors (LoKr: the same weights, its Tucker convolutions untucked), and both files load
+    with the same behaviour."""
     from test_adapters import FAMILIES, random_adapters
 
     models = random_adapters(tiny_model, demo_images, tmp_path, *FAMILIES[family])
@@ -385,6 +386,13 @@ def test_convert_round_trips_lycoris_families(family, tiny_model, demo_images, t
     assert tools("convert", source, kohya, "--base", tiny_model) == 0
     assert tools("convert", kohya, back, "--base", tiny_model) == 0
     original, returned = load_file(source), load_file(back)
-    assert original.keys() == returned.keys()
-    assert all(torch.allclose(original[key], returned[key], rtol=1e-6, atol=1e-7) for key in original)
+    if family == "lokr_decomposed":
+        # The kohya file holds Tucker LoKr convolutions untucked (ComfyUI and Forge fail on `lokr_t2`): the same
+        # weights (the behaviour check below), plain low-rank tensors instead of the core.
+        assert not any(key.endswith(".lokr_t2") for key in load_file(kohya))
+        assert {key for key in original if not key.endswith(".lokr_t2")} == set(returned)
+    else:
+        assert original.keys() == returned.keys()
+        assert all(torch.allclose(original[key], returned[key], rtol=1e-6, atol=1e-7) for key in original)
     assert_outputs_equal(loaded(tiny_model, kohya), loaded(tiny_model, source))
+    assert_outputs_equal(loaded(tiny_model, back), loaded(tiny_model, source))
