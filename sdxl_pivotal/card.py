@@ -16,6 +16,7 @@ SETTINGS = (
     "use_dora",
     "lora_target",
     "conv_rank",
+    "unet_block_lr",
     "optimizer",
     "learning_rate",
     "text_encoder_lr",
@@ -35,15 +36,18 @@ SETTINGS = (
 )
 
 
-def diffusers_code(args: argparse.Namespace, tokens: PivotalTokens | None, repo_id: str | None = None) -> str:
+def diffusers_code(
+    args: argparse.Namespace, tokens: PivotalTokens | None, repo_id: str | None = None, folder: Path | None = None
+) -> str:
     """Copy-paste inference code for diffusers, with the run's actual file names and token strings, from the Hub
     repo when the run was pushed, else from the output folder: the recipe of `load_for_diffusers` for this run's
-    files, as diffusers' own calls where they do exactly what it does, else that loader itself."""
+    files (read from `folder`, default the output folder), as diffusers' own calls where they do exactly what it
+    does, else that loader itself."""
     from .formats.load import diffusers_reads_exactly
 
     prompt = tokens.substitute(args.instance_prompt) if tokens else args.instance_prompt
     clip_skip = f", clip_skip={args.clip_skip}" if args.clip_skip is not None else ""
-    exact = diffusers_reads_exactly(Path(args.output_dir) / LORA_WEIGHTS_NAME)
+    exact = diffusers_reads_exactly(Path(folder or args.output_dir) / LORA_WEIGHTS_NAME)
     loading = diffusers_loading_code(args, tokens, repo_id) if exact else our_loading_code(args, tokens, repo_id)
     imports, body = loading
     lines = [
@@ -167,7 +171,11 @@ def gallery(output_dir: Path, images: list[Path], prompt: str) -> tuple[str, str
 
 
 def model_card(
-    args: argparse.Namespace, tokens: PivotalTokens | None, images: list[Path] = (), repo_id: str | None = None
+    args: argparse.Namespace,
+    tokens: PivotalTokens | None,
+    images: list[Path] = (),
+    repo_id: str | None = None,
+    folder: Path | None = None,
 ) -> str:
     name = output_name(args.output_dir)
     prompt = tokens.substitute(args.instance_prompt) if tokens else args.instance_prompt
@@ -206,7 +214,7 @@ Prompt: `{prompt}`
 ## Use it with diffusers
 
 ```python
-{diffusers_code(args, tokens, repo_id)}
+{diffusers_code(args, tokens, repo_id, folder)}
 ```
 
 {ui_instructions(args, tokens)}
@@ -227,7 +235,8 @@ def write_model_card(
     images: list[Path] = (),
     repo_id: str | None = None,
 ) -> Path:
-    return save_text(model_card(args, tokens, images, repo_id), output_dir / "README.md")
+    # The LoRA file is read where it is being written (the final set's staging folder).
+    return save_text(model_card(args, tokens, images, repo_id, output_dir), output_dir / "README.md")
 
 
 # Not uploaded: intermediate training state and tracker logs.
