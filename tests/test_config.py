@@ -112,6 +112,7 @@ SECOND_COMMAND_LINE = {
     "lokr_factor",
     "decompose_both",
     "lora_target_regex",  # vs --lora_target
+    "overwrite_output_dir",  # vs --resume_from_checkpoint
 }
 # --datasets replaces both image sources: a command line of its own.
 THIRD_COMMAND_LINE = {"datasets"}
