@@ -11,6 +11,7 @@ builds the layers (LoHa, LoKr and DoRA are PEFT's own).
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from peft import LoHaConfig, LoKrConfig, LoraConfig, PeftConfig
 
-from .args import parse_block_values, parse_unet_blocks
+from .args import BlockLrPreset, parse_block_values, parse_unet_blocks
 from .errors import InputError
 
 UNET_ATTENTION_PROJECTIONS = ("to_k", "to_q", "to_v", "to_out.0")
@@ -26,6 +27,9 @@ UNET_FEED_FORWARD = ("ff.net.0.proj", "ff.net.2")
 TEXT_ENCODER_ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
 BLORA_BLOCKS = "up_blocks.0.attentions.0,up_blocks.0.attentions.1"
 UNET_BLOCKS = ("down_blocks.", "mid_block.", "up_blocks.")
+# kohya's block-weight presets are curves over SDXL's 9 SAI input_blocks (or output_blocks).
+SAI_BLOCKS_PER_SIDE = 9
+_SAI_PART = re.compile(r"^(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.")
 
 
 def _ends_with(names: tuple[str, ...]) -> Callable[[str], bool]:
@@ -77,7 +81,7 @@ def unet_adapter_plan(unet: torch.nn.Module, args: argparse.Namespace) -> Adapte
     conv_set = set(conv)
     ranks = _block_values(args.unet_block_ranks, "--unet_block_ranks", linear + conv)
     conv_ranks = _block_values(args.unet_block_conv_ranks, "--unet_block_conv_ranks", conv)
-    lr_scales = _block_values(args.unet_block_lr, "--unet_block_lr", linear + conv)
+    lr_scales = _block_values(args.unet_block_lr, "--unet_block_lr", linear + conv, unet.config.layers_per_block)
     plan = {}
     for path in selected:
         is_conv = path in conv_set and bool(args.conv_rank)
@@ -117,19 +121,60 @@ def _inside_blocks(selected: list[str], blocks: list[str], every: list[str]) -> 
     return [path for path in selected if any(path.startswith(block + ".") for block in blocks)]
 
 
-def _block_values(spec: str | None, flag: str, paths: list[str]) -> Callable[[str, float], float]:
+def _block_values(
+    spec: str | None, flag: str, paths: list[str], layers_per_block: int | None = None
+) -> Callable[[str, float], float]:
     """A lookup `(module path, default) -> value` for a per-block flag: the value of the longest block prefix of
-    the path, else the default. Every block the flag names must hold at least one of `paths`."""
-    values = parse_block_values(spec, flag) if spec else {}
+    the path (a kohya preset gives the value of the path's SAI block), else the default. Every block the flag
+    names must hold at least one of `paths`."""
+    values = parse_block_values(spec, flag, presets=layers_per_block is not None) if spec else {}
     for block in values:
         if not any(path.startswith(block + ".") for path in paths):
             raise InputError(f"{flag}: the UNet has no adaptable module in {block!r}.")
     by_length = sorted(values, key=len, reverse=True)
 
     def lookup(path: str, default: float) -> float:
-        return next((values[block] for block in by_length if path.startswith(block + ".")), default)
+        value = next((values[block] for block in by_length if path.startswith(block + ".")), default)
+        if isinstance(value, BlockLrPreset):
+            return preset_weights(value)[sai_block_index(path, layers_per_block)]
+        return value
 
     return lookup
+
+
+def preset_weights(preset: BlockLrPreset) -> list[float]:
+    """kohya's weights of a preset over the 9 SAI blocks of one side (index 0: input_blocks.0 / output_blocks.0),
+    plus its offset; a weight of 0 or less is 0 (kohya's default zero threshold), and such a block has no adapter.
+    sine rises from 0 (shallow) to 1 (deep), cosine falls from 1 to 0; linear and reverse_linear likewise."""
+    ramp = [i / (SAI_BLOCKS_PER_SIDE - 1) for i in range(SAI_BLOCKS_PER_SIDE)]
+    curves = {
+        "sine": [math.sin(math.pi * x / 2) for x in ramp],
+        "cosine": [math.sin(math.pi * x / 2) for x in reversed(ramp)],
+        "linear": ramp,
+        "reverse_linear": ramp[::-1],
+        "zeros": [0.0] * SAI_BLOCKS_PER_SIDE,
+    }
+    return [max(weight + preset.offset, 0.0) for weight in curves[preset.name]]
+
+
+def sai_block_index(path: str, layers_per_block: int) -> int:
+    """The SAI (original SDXL) block number of a diffusers down/up-block module: `input_blocks.N` (conv_in is 0,
+    then each down block's resnets/attentions and its downsampler) or `output_blocks.N` (each up block's
+    layers_per_block + 1 resnets/attentions, its upsampler with the last). SDXL: 3 down blocks -> 1..8."""
+    match = _SAI_PART.match(path)
+    if match is None:
+        raise InputError(f"--unet_block_lr: kohya's presets weigh down and up blocks; {path!r} is in neither.")
+    side, block, part, index = match.group(1), int(match.group(2)), match.group(3), int(match.group(4))
+    if side == "down":
+        number = 1 + (layers_per_block + 1) * block + (layers_per_block if part == "downsamplers" else index)
+    else:
+        number = (layers_per_block + 1) * block + (layers_per_block if part == "upsamplers" else index)
+    if number >= SAI_BLOCKS_PER_SIDE:
+        raise InputError(
+            f"--unet_block_lr: kohya's presets cover SDXL's {SAI_BLOCKS_PER_SIDE} blocks per side; {path!r} is "
+            f"block {number} of this UNet. Give its blocks numbers instead."
+        )
+    return number
 
 
 def peft_config(args: argparse.Namespace, plan: AdapterPlan) -> PeftConfig:

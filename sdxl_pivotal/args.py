@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from .class_images import validate_prior_flags
@@ -181,7 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--unet_block_ranks", default=None, help="(ours) per-block ranks, e.g. 'down=2,mid=4,up_blocks.0=16'; 0: none"
     )
     g.add_argument("--unet_block_conv_ranks", default=None, help="(ours) per-block convolution ranks, same syntax")
-    g.add_argument("--unet_block_lr", default=None, help="(ours) per-block learning-rate multipliers, e.g. 'down=0.5'")
+    g.add_argument(
+        "--unet_block_lr",
+        default=None,
+        help="(ours) per-block learning-rate multipliers, e.g. 'down=0.5'; down/up also take kohya's presets "
+        "sine, cosine, linear, reverse_linear, zeros (+offset), e.g. 'down=sine,up=cosine+0.5'",
+    )
     g.add_argument("--rank_dropout", type=float, default=0.0, help="(ours) LoHa/LoKr: dropout over the rank")
     g.add_argument("--module_dropout", type=float, default=0.0, help="(ours) LoHa/LoKr: dropout of whole modules")
     _add_bool(g, "--use_effective_conv2d", False, "(ours) LoHa/LoKr: Tucker (CP) decomposition of 3x3 convolutions")
@@ -459,7 +465,7 @@ def _validate_adapter_flags(args: argparse.Namespace) -> None:
     for flag in ("unet_block_ranks", "unet_block_conv_ranks", "unet_block_lr"):
         spec = getattr(args, flag)
         if spec is not None:
-            values = parse_block_values(spec, f"--{flag}")
+            values = parse_block_values(spec, f"--{flag}", presets=flag == "unet_block_lr")
             if flag != "unet_block_lr" and any(v != int(v) for v in values.values()):
                 raise InputError(f"--{flag}: ranks are whole numbers, got {spec!r}.")
 
@@ -523,6 +529,9 @@ def _validate_output_dir(args: argparse.Namespace) -> None:
         )
 
 
+# kohya's presets of --down_lr_weight / --up_lr_weight (networks/lora.py), each with an optional +offset.
+BLOCK_LR_PRESETS = ("sine", "cosine", "linear", "reverse_linear", "zeros")
+_BLOCK_LR_PRESET_PATTERN = re.compile(r"^(" + "|".join(BLOCK_LR_PRESETS) + r")(?:\+(\d+\.?\d*|\.\d+))?$")
 _BLOCK_PATTERN = re.compile(r"^(down_blocks\.\d+|mid_block|up_blocks\.\d+)(\.(attentions|resnets)\.\d+)?$")
 
 
@@ -540,11 +549,12 @@ def parse_unet_blocks(spec: str) -> list[str]:
     return blocks
 
 
-def parse_block_values(spec: str, flag: str) -> dict[str, float]:
+def parse_block_values(spec: str, flag: str, presets: bool = False) -> dict[str, float | BlockLrPreset]:
     """`"down=2, mid=4, up_blocks.0.attentions.1=16"` -> {"down_blocks": 2.0, "mid_block": 4.0, ...}.
 
-    A key is a group (down, mid, up) or a block as --lora_unet_blocks names it; values are non-negative numbers."""
-    values = {}
+    A key is a group (down, mid, up) or a block as --lora_unet_blocks names it; values are non-negative numbers.
+    With `presets` (--unet_block_lr), down and up also take one of kohya's weight presets (`down=sine+0.5`)."""
+    values: dict[str, float | BlockLrPreset] = {}
     for item in "".join(spec.split()).split(","):
         key, _, value = item.partition("=")
         block = BLOCK_ALIASES.get(key, key.removeprefix("unet."))
@@ -553,11 +563,38 @@ def parse_block_values(spec: str, flag: str) -> dict[str, float]:
                 f"{flag}: {key!r} is not a UNet block; use down, mid, up or names such as down_blocks.1 or "
                 "up_blocks.0.attentions.1 (as in 'down=2,up_blocks.0=16')."
             )
+        preset = parse_block_lr_preset(value) if presets else None
+        if preset is not None:
+            if block not in ("down_blocks", "up_blocks") or block in values:
+                raise InputError(
+                    f"{flag}: {item!r}: kohya's presets ({', '.join(BLOCK_LR_PRESETS)}) weigh the down or up "
+                    "blocks, as in 'down=sine,up=cosine+0.5'; give mid and single blocks a number."
+                )
+            values[block] = preset
+            continue
         try:
             number = float(value)
         except ValueError:
             number = -1.0
         if number < 0 or block in values:
-            raise InputError(f"{flag}: {item!r} needs one non-negative number per block, as in 'down=2,up=8'.")
+            hint = f", or for down/up one of {', '.join(BLOCK_LR_PRESETS)} (+offset)" if presets else ""
+            raise InputError(f"{flag}: {item!r} needs one non-negative number per block{hint}, as in 'down=2,up=8'.")
         values[block] = number
     return values
+
+
+@dataclass(frozen=True)
+class BlockLrPreset:
+    """kohya's `down_lr_weight` / `up_lr_weight` preset: a curve over the 9 SAI input (or output) blocks of
+    SDXL's UNet, plus an offset (`sine+0.5`)."""
+
+    name: str
+    offset: float = 0.0
+
+
+def parse_block_lr_preset(text: str) -> BlockLrPreset | None:
+    """`"cosine+0.25"` -> BlockLrPreset("cosine", 0.25); None if `text` names no preset."""
+    match = _BLOCK_LR_PRESET_PATTERN.match(text)
+    if match is None:
+        return None
+    return BlockLrPreset(match.group(1), float(match.group(2)) if match.group(2) else 0.0)

@@ -84,7 +84,7 @@ SPECIAL = {
     "lora_unet_blocks": "unet.up_blocks.0.attentions.0, unet.mid_block.attentions.0",
     "unet_block_ranks": "down=2,up_blocks.0=16",
     "unet_block_conv_ranks": "mid=1",
-    "unet_block_lr": "up=0.5",
+    "unet_block_lr": "down=sine+0.5,mid=0.5",  # a kohya preset too
     "lr_step_rules": "1:10,0.1",
     "optimizer": "Prodigy",
     "resume_from_checkpoint": "latest",

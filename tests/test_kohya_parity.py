@@ -1,0 +1,137 @@
+"""What kohya's sd-scripts users expect, checked against kohya's own rules: block-weight presets of
+--unet_block_lr over SDXL's SAI blocks."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sdxl_pivotal.adapters import unet_adapter_plan
+from sdxl_pivotal.args import parse_args
+from sdxl_pivotal.errors import InputError
+from sdxl_pivotal.formats.names import kohya_module_names
+from sdxl_pivotal.models import load_sdxl
+
+
+def flags_for(tiny_model: Path, demo_images: Path, tmp_path: Path, *extra: str):
+    return parse_args(
+        [
+            *("--pretrained_model_name_or_path", str(tiny_model), "--instance_data_dir", str(demo_images)),
+            *("--instance_prompt", "a photo of TOK toy", "--output_dir", str(tmp_path / "out"), *extra),
+        ]
+    )
+
+
+# kohya's presets over the 9 blocks of a side, written out from their definitions (networks/lora.py):
+# sine_i = sin(pi/2 * i/8), cosine the same reversed, linear_i = i/8, reverse_linear reversed, zeros.
+SINE = [math.sin(math.pi * i / 16) for i in range(9)]
+EXPECTED = {
+    "sine": SINE,
+    "cosine": SINE[::-1],
+    "linear": [i / 8 for i in range(9)],
+    "reverse_linear": [(8 - i) / 8 for i in range(9)],
+    "zeros": [0.0] * 9,
+}
+
+
+def kohya_block_index(kohya_name: str) -> int:
+    """kohya's get_block_index for SDXL, from a LoRA module's kohya (SAI) name: 1 + N for input_blocks_N,
+    10 + N for middle_block_N, 13 + N for output_blocks_N."""
+    name = kohya_name.removeprefix("lora_unet_")
+    number = int(name.split("_")[2])
+    if name.startswith("input_blocks_"):
+        return 1 + number
+    if name.startswith("middle_block_"):
+        return 10 + number
+    assert name.startswith("output_blocks_"), kohya_name
+    return 13 + number
+
+
+def kohya_lr_weight(down: str | None, up: str | None) -> list[float]:
+    """kohya's 23 block weights for SDXL (time embedding, 9 down, 3 mid, 9 up, out), from the table above."""
+
+    def side(spec: str | None) -> list[float]:
+        if spec is None:
+            return [1.0] * 9
+        name, _, offset = spec.partition("+")
+        return [w + float(offset or 0) if w + float(offset or 0) > 0 else 0.0 for w in EXPECTED[name]]
+
+    return [1.0, *side(down), 1.0, 1.0, 1.0, *side(up), 1.0]
+
+
+@pytest.mark.parametrize(
+    ("down", "up"),
+    [
+        ("sine", "cosine"),
+        ("linear", "reverse_linear+0.5"),
+        ("cosine+0.25", None),
+        (None, "zeros+1"),
+        ("zeros", "sine"),
+    ],
+)
+def test_block_lr_presets_match_kohyas_weights_per_sai_block(tiny_model, demo_images, tmp_path, down, up):
+    spec = ",".join(f"{key}={value}" for key, value in (("down", down), ("up", up)) if value)
+    flags = ("--lora_target", "all_linear", "--conv_rank", "2")
+    args = flags_for(tiny_model, demo_images, tmp_path, *flags, "--unet_block_lr", spec)
+    unet = load_sdxl(args).unet
+    plan = unet_adapter_plan(unet, args)
+    weights = kohya_lr_weight(down, up)
+    names = kohya_module_names("unet", unet)
+    candidates = unet_adapter_plan(unet, flags_for(tiny_model, demo_images, tmp_path / "all", *flags))
+    assert len(candidates) > 100
+    for path in candidates:
+        expected = weights[kohya_block_index(names[path])]
+        if expected == 0:
+            assert path not in plan, f"{path}: kohya's weight 0 leaves the block without an adapter"
+        else:
+            assert plan[path].lr_scale == pytest.approx(expected, rel=1e-12), path
+    blocks = {kohya_block_index(names[path]) for path in candidates}
+    assert {2, 5, 8, 13, 17, 20} <= blocks, "resnets, attentions, down/upsamplers of both sides are covered"
+
+
+def test_presets_combine_with_numbers_and_single_blocks(tiny_model, demo_images, tmp_path):
+    spec = "down=linear,mid=0.5,down_blocks.2=3"
+    args = flags_for(tiny_model, demo_images, tmp_path, "--unet_block_lr", spec)
+    plan = unet_adapter_plan(load_sdxl(args).unet, args)
+    assert {m.lr_scale for p, m in plan.items() if p.startswith("down_blocks.2.")} == {3.0}, "longest prefix wins"
+    assert {m.lr_scale for p, m in plan.items() if p.startswith("down_blocks.1.attentions.1.")} == {5 / 8}
+    assert {m.lr_scale for p, m in plan.items() if p.startswith("mid_block.")} == {0.5}
+    assert {m.lr_scale for p, m in plan.items() if p.startswith("up_blocks.")} == {1.0}
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("down=triangle", "non-negative number per block, or for down/up one of sine"),
+        ("mid=sine", "weigh the down or up blocks"),
+        ("up_blocks.0=cosine", "weigh the down or up blocks"),
+        ("down=sine-0.5", "non-negative number"),
+    ],
+)
+def test_bad_block_lr_presets_fail_before_loading(tiny_model, demo_images, tmp_path, spec, message):
+    with pytest.raises(InputError, match=message):
+        flags_for(tiny_model, demo_images, tmp_path, "--unet_block_lr", spec)
+
+
+def test_presets_are_for_learning_rates_only(tiny_model, demo_images, tmp_path):
+    with pytest.raises(InputError, match="non-negative number per block, as in"):
+        flags_for(tiny_model, demo_images, tmp_path, "--unet_block_ranks", "down=sine")
+
+
+def test_training_with_presets_uses_their_learning_rates_and_resumes_exactly(run_training, tmp_path):
+    flags = ("--unet_block_lr", "down=sine,up=cosine+0.5", "--learning_rate", "1e-3", "--checkpointing_steps", "1")
+    out = run_training(tmp_path / "run", *flags, "--max_train_steps", "2")
+    state = json.loads((out / "checkpoint-1" / "training_state.json").read_text())
+    unet_lrs = {round(group["initial_lr"] / 1e-3, 12) for group in state["optimizer"]["param_groups"]}
+    # attention modules only (the default target): SAI blocks 4, 5, 7, 8 down; 0-5 up.
+    expected = {round(SINE[i], 12) for i in (4, 5, 7, 8)} | {round(SINE[::-1][i] + 0.5, 12) for i in range(6)}
+    assert unet_lrs == expected
+    finished = load_file(out / "pytorch_lora_weights.safetensors")
+    run_training(out, *flags, "--max_train_steps", "2", "--resume_from_checkpoint", "checkpoint-1")
+    resumed = load_file(out / "pytorch_lora_weights.safetensors")
+    assert resumed.keys() == finished.keys() and all(torch.equal(resumed[k], finished[k]) for k in finished)
