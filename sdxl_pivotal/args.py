@@ -275,10 +275,38 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hub_model_id", default=None)
     g.add_argument("--local_rank", type=int, default=-1, help="set by the launcher")
 
+    _add_kohya_flags(parser)
+
     g = parser.add_argument_group("config file")
     g.add_argument("--config", default=None, help="(ours) YAML, TOML or JSON file of flags; the command line wins")
     _add_bool(g, "--print_config", False, "(ours) print the effective configuration (YAML) and exit")
     return parser
+
+
+def _add_kohya_flags(parser: argparse.ArgumentParser) -> None:
+    """Options named as in kohya's sd-scripts, for its users; checked by `_validate_kohya_flags` below."""
+    g = parser.add_argument_group("kohya's sd-scripts options")
+    g.add_argument(
+        "--save_every_n_epochs",
+        type=int,
+        default=None,
+        help="(kohya) also save a checkpoint at the end of every N-th epoch, beside --checkpointing_steps",
+    )
+    g.add_argument(
+        "--save_last_n_epochs",
+        type=int,
+        default=None,
+        help="(kohya) with --save_every_n_epochs, keep the checkpoints of the last N epoch saves only",
+    )
+
+
+def _validate_kohya_flags(args: argparse.Namespace) -> None:
+    for flag in ("save_every_n_epochs", "save_last_n_epochs"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise InputError(f"--{flag} must be at least 1, got {value}.")
+    if args.save_last_n_epochs is not None and args.save_every_n_epochs is None:
+        raise InputError("--save_last_n_epochs needs --save_every_n_epochs (how often an epoch is saved).")
 
 
 def join_negative_values(argv: list[str]) -> list[str]:
@@ -398,6 +426,7 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.text_encoder_lr < 0:
         raise InputError(f"--text_encoder_lr must be 0 or more (5e-6 is the default), got {args.text_encoder_lr}.")
     _validate_adapter_flags(args)
+    _validate_kohya_flags(args)
     _validate_packages(args)
 
     if not args.output_kohya_format:

@@ -168,6 +168,28 @@ def save_checkpoint(
     return target
 
 
+def checkpoint_due(args, step: int, steps_per_epoch: int) -> bool:
+    """Whether optimizer step `step` (1-based) ends with a checkpoint: every --checkpointing_steps steps, and
+    with --save_every_n_epochs at the end of every N-th epoch."""
+    if step % args.checkpointing_steps == 0:
+        return True
+    every = args.save_every_n_epochs
+    return every is not None and step % steps_per_epoch == 0 and (step // steps_per_epoch) % every == 0
+
+
+def remove_expired_epoch_checkpoint(output_dir: Path, args, step: int, steps_per_epoch: int) -> None:
+    """--save_last_n_epochs K, at the save of epoch e (step `step`): the checkpoint of epoch e - K x
+    --save_every_n_epochs goes, as kohya removes it, so the last K epoch saves remain."""
+    epoch, rest = divmod(step, steps_per_epoch)
+    if args.save_last_n_epochs is None or rest or epoch % args.save_every_n_epochs:
+        return
+    expired_epoch = epoch - args.save_last_n_epochs * args.save_every_n_epochs
+    expired = output_dir / f"checkpoint-{expired_epoch * steps_per_epoch}"
+    if expired_epoch > 0 and expired.is_dir():
+        logger.info("Removing %s (--save_last_n_epochs %d)", expired, args.save_last_n_epochs)
+        shutil.rmtree(expired)
+
+
 def _write_checkpoint(
     target: Path, step: int, seed: int, models, optimizer, lr_scheduler, write_outputs, grad_scaler
 ) -> None:

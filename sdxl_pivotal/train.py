@@ -19,7 +19,14 @@ from tqdm.auto import tqdm
 
 from .adapters import AdapterPlan, add_adapters, unet_parameters_by_lr_scale
 from .card import create_hub_repo, upload_to_hub, write_model_card
-from .checkpoints import load_checkpoint, remove_earlier_run, resolve_checkpoint, save_checkpoint
+from .checkpoints import (
+    checkpoint_due,
+    load_checkpoint,
+    remove_earlier_run,
+    remove_expired_epoch_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from .class_images import ensure_class_images, generation_dtype, list_images, load_generation_pipeline
 from .config import dataset_entries, save_run_config, warn_about_changed_flags
 from .data import (
@@ -457,7 +464,8 @@ def train(args: argparse.Namespace) -> Path:
         lr = lr_scheduler.get_last_lr()[0]
         accelerator.log(monitor.step_done(done, step_loss, lr, epoch=step // plan.steps_per_epoch), step=done)
         requests = shared_requests(monitor, accelerator)  # control files: stop / save / sample now
-        if accelerator.is_main_process and (done % args.checkpointing_steps == 0 or requests.save or requests.stop):
+        due = checkpoint_due(args, done, plan.steps_per_epoch)
+        if accelerator.is_main_process and (due or requests.save or requests.stop):
             save_checkpoint(
                 output_dir,
                 done,
@@ -469,6 +477,7 @@ def train(args: argparse.Namespace) -> Path:
                 accelerator.scaler,
                 args.checkpoints_total_limit,
             )
+            remove_expired_epoch_checkpoint(output_dir, args, done, plan.steps_per_epoch)
         sample = requests.sample and bool(validation_prompt)
         if accelerator.is_main_process and (sample or is_validation_step(args, done, plan.steps_per_epoch)):
             validate_during_training(accelerator, parts, unwrapped, args, validation_prompt, seed, done)

@@ -1,5 +1,5 @@
 """What kohya's sd-scripts users expect, checked against kohya's own rules: block-weight presets of
---unet_block_lr over SDXL's SAI blocks."""
+--unet_block_lr over SDXL's SAI blocks; saving by epoch."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ from safetensors.torch import load_file
 
 from sdxl_pivotal.adapters import unet_adapter_plan
 from sdxl_pivotal.args import parse_args
+from sdxl_pivotal.checkpoints import complete_checkpoints
 from sdxl_pivotal.errors import InputError
 from sdxl_pivotal.formats.names import kohya_module_names
 from sdxl_pivotal.models import load_sdxl
+from sdxl_pivotal.monitor import TrainingMonitor, request
 
 
 def flags_for(tiny_model: Path, demo_images: Path, tmp_path: Path, *extra: str):
@@ -135,3 +137,49 @@ def test_training_with_presets_uses_their_learning_rates_and_resumes_exactly(run
     run_training(out, *flags, "--max_train_steps", "2", "--resume_from_checkpoint", "checkpoint-1")
     resumed = load_file(out / "pytorch_lora_weights.safetensors")
     assert resumed.keys() == finished.keys() and all(torch.equal(resumed[k], finished[k]) for k in finished)
+
+
+def checkpoint_names(folder: Path) -> list[str]:
+    return [p.name for p in complete_checkpoints(folder)]
+
+
+def test_epoch_saves_keep_the_last_n_and_resume_exactly(run_training, tmp_path, monkeypatch):
+    # 6 demo images, batch 2: 3 optimizer steps per epoch; 6 epochs = 18 steps.
+    flags = ("--num_train_epochs", "6", "--checkpointing_steps", "1000", "--save_every_n_epochs", "2")
+    every = run_training(tmp_path / "every", *flags)
+    assert checkpoint_names(every) == ["checkpoint-6", "checkpoint-12", "checkpoint-18"]
+
+    out = tmp_path / "last"
+    original = TrainingMonitor.step_done
+
+    def save_now_at_step_4(self, step, *args, **kwargs):  # "save now", as the Space asks it
+        values = original(self, step, *args, **kwargs)
+        if step == 4:
+            request(out, "save")
+        return values
+
+    monkeypatch.setattr(TrainingMonitor, "step_done", save_now_at_step_4)
+    run_training(out, *flags, "--save_last_n_epochs", "2")
+    monkeypatch.undo()
+    # Epoch 6's save removes epoch 2's (kohya's rule: e - N x K); the save on request stays.
+    assert checkpoint_names(out) == ["checkpoint-4", "checkpoint-12", "checkpoint-18"]
+
+    finished = load_file(out / "pytorch_lora_weights.safetensors")
+    run_training(out, *flags, "--save_last_n_epochs", "2", "--resume_from_checkpoint", "checkpoint-12")
+    resumed = load_file(out / "pytorch_lora_weights.safetensors")
+    assert resumed.keys() == finished.keys() and all(torch.equal(resumed[k], finished[k]) for k in finished)
+    expected = load_file(every / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(resumed[k], expected[k]) for k in expected), "saving changes no weight"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--save_every_n_epochs", "0"), "--save_every_n_epochs must be at least 1"),
+        (("--save_last_n_epochs", "2"), "needs --save_every_n_epochs"),
+        (("--save_every_n_epochs", "1", "--save_last_n_epochs", "0"), "--save_last_n_epochs must be at least 1"),
+    ],
+)
+def test_bad_epoch_save_flags_fail_before_loading(tiny_model, demo_images, tmp_path, flags, message):
+    with pytest.raises(InputError, match=message):
+        flags_for(tiny_model, demo_images, tmp_path, *flags)
