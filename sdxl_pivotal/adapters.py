@@ -15,6 +15,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from peft import LoHaConfig, LoKrConfig, LoraConfig, PeftConfig
@@ -204,15 +205,59 @@ def peft_config(args: argparse.Namespace, plan: AdapterPlan) -> PeftConfig:
 
 
 def add_adapters(parts, args: argparse.Namespace) -> AdapterPlan:
-    """Attach the trainable adapters (UNet; text encoders with --train_text_encoder); return the UNet's plan."""
-    plan = unet_adapter_plan(parts.unet, args)
-    parts.unet.add_adapter(peft_config(args, plan))
+    """Attach the trainable adapters (UNet; text encoders with --train_text_encoder); return the UNet's plan.
+    With --network_weights, the parts the file adapts get its adapters and weights instead of the flags'."""
+    loaded = load_network_weights(parts, Path(args.network_weights)) if args.network_weights else set()
+    if "unet" in loaded:
+        plan = loaded_unet_plan(parts.unet, args)
+    else:
+        plan = unet_adapter_plan(parts.unet, args)
+        parts.unet.add_adapter(peft_config(args, plan))
     if args.train_text_encoder:
         # The text encoders' attention projections, by name: PEFT matches them in either transformers layout
         # (with or without the `text_model.` level), so the files load in either.
         attention = {name: ModuleAdapter(args.rank, args.lora_alpha) for name in TEXT_ENCODER_ATTENTION_PROJECTIONS}
-        for encoder in (parts.text_encoder, parts.text_encoder_2):
-            encoder.add_adapter(peft_config(args, attention))
+        for part in ("text_encoder", "text_encoder_2"):
+            if part not in loaded:
+                getattr(parts, part).add_adapter(peft_config(args, attention))
+    return plan
+
+
+def load_network_weights(parts, path: Path) -> set[str]:
+    """--network_weights: attach the adapters of a LoRA file (diffusers or kohya; ours or another trainer's) with
+    the family, ranks, alphas and targets the file has, holding its weights; return the parts it adapts."""
+    from peft import set_peft_model_state_dict
+
+    from .formats.families import live_peft
+    from .formats.load import peft_loras, read_safetensors
+
+    models = {part: getattr(parts, part) for part in ("unet", "text_encoder", "text_encoder_2")}
+    state, metadata = read_safetensors(path)
+    try:
+        loras = peft_loras(state, metadata, models)
+    except ValueError as error:
+        raise InputError(f"--network_weights {path}: {error}") from None
+    for part, lora in loras.items():
+        model = models[part]
+        model.add_adapter(lora.config)
+        set_peft_model_state_dict(model, lora.state)
+        live = live_peft(model).state
+        if live.keys() != lora.state.keys() or any(not torch.equal(live[k], v) for k, v in lora.state.items()):
+            raise InputError(f"--network_weights {path}: its {part} adapters do not fit this model's modules.")
+    return set(loras)
+
+
+def loaded_unet_plan(unet: torch.nn.Module, args: argparse.Namespace) -> AdapterPlan:
+    """The plan of the UNet's adapters as --network_weights attached them, with --unet_block_lr's scales (a block
+    at learning rate 0 keeps the file's weights)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = {path: m for path, m in unet.named_modules() if isinstance(m, BaseTunerLayer) and m.r}
+    lr_scales = _block_values(args.unet_block_lr, "--unet_block_lr", list(layers), unet.config.layers_per_block)
+    plan = {}
+    for path, layer in layers.items():
+        rank = layer.r["default"]
+        plan[path] = ModuleAdapter(rank, layer.scaling["default"] * rank, lr_scales(path, 1.0))
     return plan
 
 

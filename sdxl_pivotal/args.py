@@ -299,6 +299,13 @@ def _add_kohya_flags(parser: argparse.ArgumentParser) -> None:
         help="(kohya) with --save_every_n_epochs, keep the checkpoints of the last N epoch saves only",
     )
 
+    g.add_argument(
+        "--network_weights",
+        default=None,
+        help="(kohya) start from this LoRA file (diffusers or kohya format, any trainer's): its family, ranks "
+        "and targets replace --adapter/--rank/--lora_target for the parts it adapts, and training continues it",
+    )
+
 
 def _validate_kohya_flags(args: argparse.Namespace) -> None:
     for flag in ("save_every_n_epochs", "save_last_n_epochs"):
@@ -307,6 +314,31 @@ def _validate_kohya_flags(args: argparse.Namespace) -> None:
             raise InputError(f"--{flag} must be at least 1, got {value}.")
     if args.save_last_n_epochs is not None and args.save_every_n_epochs is None:
         raise InputError("--save_last_n_epochs needs --save_every_n_epochs (how often an epoch is saved).")
+    if args.network_weights is not None:
+        _validate_network_weights(args)
+
+
+def _validate_network_weights(args: argparse.Namespace) -> None:
+    """The file is a LoRA of ours or another trainer's (read from its keys only), and its text-encoder adapters,
+    if any, will be trained."""
+    from safetensors import SafetensorError
+
+    from .formats.load import lora_file_parts
+
+    path = Path(args.network_weights)
+    if not path.is_file() or path.suffix != ".safetensors":
+        raise InputError(f"--network_weights {path}: pass an existing LoRA .safetensors file (diffusers or kohya).")
+    try:
+        parts = lora_file_parts(path)
+    except ValueError as error:
+        raise InputError(f"--network_weights: {error} Pass a LoRA file (diffusers or kohya format).") from None
+    except (OSError, SafetensorError) as error:
+        raise InputError(f"--network_weights {path} is not a readable safetensors file ({error}).") from None
+    if parts - {"unet"} and not args.train_text_encoder:
+        raise InputError(
+            f"--network_weights {path} adapts the text encoders too: pass --train_text_encoder to continue them "
+            "(without --train_text_encoder_ti), or use a file with UNet adapters only."
+        )
 
 
 def join_negative_values(argv: list[str]) -> list[str]:

@@ -17,6 +17,7 @@ SETTINGS = (
     "lora_target",
     "conv_rank",
     "unet_block_lr",
+    "network_weights",
     "optimizer",
     "learning_rate",
     "text_encoder_lr",

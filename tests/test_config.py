@@ -13,7 +13,9 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import save_file
 
 from sdxl_pivotal.args import build_parser, parse_args
 from sdxl_pivotal.config import changed_flags, config_text, save_run_config
@@ -127,6 +129,10 @@ def flag_text(action: argparse.Action, tmp_path: Path, image_dir: Path) -> str:
         return SPECIAL[dest]
     if dest in ("instance_data_dir", "dataset_name"):
         return str(image_dir)
+    if dest == "network_weights":  # an existing LoRA file (its keys are all that parsing reads)
+        path = tmp_path / "start.safetensors"
+        save_file({"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": torch.zeros(1, 1)}, path)
+        return str(path)
     if dest == "datasets":
         entries = [
             {"image_dir": str(image_dir), "repeats": 3, "instance_prompt": "a TOK toy", "resolution": 32},

@@ -1,5 +1,5 @@
 """What kohya's sd-scripts users expect, checked against kohya's own rules: block-weight presets of
---unet_block_lr over SDXL's SAI blocks; saving by epoch."""
+--unet_block_lr over SDXL's SAI blocks; saving by epoch; starting from an existing LoRA file (--network_weights)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from sdxl_pivotal.adapters import unet_adapter_plan
 from sdxl_pivotal.args import parse_args
@@ -183,3 +183,175 @@ def test_epoch_saves_keep_the_last_n_and_resume_exactly(run_training, tmp_path, 
 def test_bad_epoch_save_flags_fail_before_loading(tiny_model, demo_images, tmp_path, flags, message):
     with pytest.raises(InputError, match=message):
         flags_for(tiny_model, demo_images, tmp_path, *flags)
+
+
+# ---------------------------------------------------------------------------------------------- --network_weights
+
+STARTS = {
+    "lora_conv_text": ("--conv_rank", "2", "--unet_block_ranks", "down=2", "--train_text_encoder"),
+    "lokr": ("--adapter", "lokr", "--conv_rank", "2"),
+}
+
+
+def loaded_and_saved(tiny_model, demo_images, tmp_path, *flags: str) -> Path:
+    """Build the models as training does with `flags` (--network_weights among them), train 0 steps, and write
+    the run's output files into a folder; return it."""
+    from sdxl_pivotal.models import trained_models
+    from sdxl_pivotal.train import output_writer, prepare_models
+
+    args = flags_for(tiny_model, demo_images, tmp_path, *flags)
+    parts = load_sdxl(args)
+    prepare_models(parts, args, None, 0, torch.device("cpu"), torch.float32)
+    folder = tmp_path / "saved"
+    output_writer(tmp_path / "out", trained_models(parts, args), None, args)(folder)
+    return folder
+
+
+@pytest.mark.parametrize("start", STARTS)
+def test_network_weights_loaded_then_saved_give_the_same_files(run_training, tiny_model, demo_images, tmp_path, start):
+    from sdxl_pivotal.formats.kohya import kohya_file_name
+
+    first = run_training(tmp_path / "first", *STARTS[start], "--max_train_steps", "1", "--learning_rate", "1e-2")
+    for name in ("pytorch_lora_weights.safetensors", kohya_file_name("first")):
+        # The other flags are the defaults: family, ranks and targets come from the file.
+        extra = ("--train_text_encoder",) if "--train_text_encoder" in STARTS[start] else ()
+        saved = loaded_and_saved(
+            tiny_model, demo_images, tmp_path / name, "--network_weights", str(first / name), *extra
+        )
+        again = load_file(saved / "pytorch_lora_weights.safetensors")
+        original = load_file(first / "pytorch_lora_weights.safetensors")
+        assert again.keys() == original.keys()
+        assert all(torch.equal(again[k], original[k]) for k in original), name
+        kohya_again = load_file(saved / kohya_file_name("out"))
+        kohya_original = load_file(first / kohya_file_name("first"))
+        assert kohya_again.keys() == kohya_original.keys()
+        assert all(torch.equal(kohya_again[k], kohya_original[k]) for k in kohya_original), name
+
+
+def test_network_weights_training_continues_and_resumes_exactly(run_training, tmp_path):
+    first = run_training(tmp_path / "first", "--max_train_steps", "1", "--learning_rate", "1e-2", "--rank", "2")
+    flags = ("--network_weights", str(first / "pytorch_lora_weights.safetensors"), "--max_train_steps", "2")
+    flags += ("--learning_rate", "1e-2", "--checkpointing_steps", "1")
+    out = run_training(tmp_path / "continued", *flags)
+    start, continued = (
+        load_file(first / "pytorch_lora_weights.safetensors"),
+        load_file(out / "pytorch_lora_weights.safetensors"),
+    )
+    assert continued.keys() == start.keys(), "the file's modules, at its rank (2, not the default 4)"
+    assert all(continued[k].shape == start[k].shape for k in start)
+    assert any(not torch.equal(continued[k], start[k]) for k in start), "training changed them"
+    run_training(out, *flags, "--resume_from_checkpoint", "checkpoint-1")
+    resumed = load_file(out / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(resumed[k], continued[k]) for k in continued)
+
+
+# kohya's key rules for SDXL, written out for the modules below (sd-scripts' SAI names): diffusers path -> SAI.
+FOREIGN_MODULES = {
+    # down_blocks.1.attentions.0 is input_blocks.4.1; its first transformer block's self-attention query.
+    "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": (
+        "unet",
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+        4,
+    ),
+    # mid_block.attentions.0 is middle_block.1.
+    "lora_unet_middle_block_1_proj_in": ("unet", "mid_block.attentions.0.proj_in", 2),
+    # up_blocks.0's upsampler is output_blocks.2.2 (a 3x3 convolution: LoCon).
+    "lora_unet_output_blocks_2_2_conv": ("unet", "up_blocks.0.upsamplers.0.conv", 2),
+    # up_blocks.1.resnets.0's first convolution is output_blocks.3.0.in_layers.2.
+    "lora_unet_output_blocks_3_0_in_layers_2": ("unet", "up_blocks.1.resnets.0.conv1", 3),
+    # CLIP-L's and CLIP-G's layers under text_model.
+    "lora_te2_text_model_encoder_layers_1_self_attn_out_proj": (
+        "text_encoder_2",
+        "encoder.layers.1.self_attn.out_proj",
+        4,
+    ),
+    "lora_te1_text_model_encoder_layers_0_self_attn_k_proj": ("text_encoder", "encoder.layers.0.self_attn.k_proj", 2),
+}
+
+
+def foreign_kohya_file(path: Path, parts) -> dict[str, torch.Tensor]:
+    """A kohya LoRA as another trainer writes it: kohya's names, lora_down/lora_up/alpha, per-module ranks."""
+    generator = torch.Generator().manual_seed(0)
+    state = {}
+    for name, (part, module_path, rank) in FOREIGN_MODULES.items():
+        module = getattr(parts, part).get_submodule(
+            module_path
+            if part == "unet" or not hasattr(getattr(parts, part), "text_model")
+            else "text_model." + module_path
+        )
+        if isinstance(module, torch.nn.Conv2d):
+            down_shape, up_shape = (rank, module.in_channels, *module.kernel_size), (module.out_channels, rank, 1, 1)
+        else:
+            down_shape, up_shape = (rank, module.in_features), (module.out_features, rank)
+        state[f"{name}.lora_down.weight"] = torch.randn(down_shape, generator=generator)
+        state[f"{name}.lora_up.weight"] = torch.randn(up_shape, generator=generator)
+        state[f"{name}.alpha"] = torch.tensor(1.0)
+    save_file(state, path)
+    return state
+
+
+def test_a_kohya_file_of_another_trainer_loads_with_its_ranks(tiny_model, demo_images, tmp_path):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from sdxl_pivotal.formats.kohya import kohya_file_name
+
+    args = flags_for(tiny_model, demo_images, tmp_path)
+    foreign = foreign_kohya_file(tmp_path / "other.safetensors", load_sdxl(args))
+    saved = loaded_and_saved(
+        tiny_model,
+        demo_images,
+        tmp_path,
+        "--network_weights",
+        str(tmp_path / "other.safetensors"),
+        "--train_text_encoder",
+    )
+    again = load_file(saved / kohya_file_name("out"))
+    assert again.keys() == foreign.keys()
+    assert all(torch.equal(again[k], foreign[k]) for k in foreign), "saved as loaded"
+
+    # The modules kohya's names point to, at the file's ranks and scales (alpha / rank).
+    args = flags_for(
+        tiny_model,
+        demo_images,
+        tmp_path,
+        "--network_weights",
+        str(tmp_path / "other.safetensors"),
+        "--train_text_encoder",
+    )
+    parts = load_sdxl(args)
+    from sdxl_pivotal.adapters import add_adapters
+
+    plan = add_adapters(parts, args)
+    assert set(plan) == {p for part, p, _ in FOREIGN_MODULES.values() if part == "unet"}
+    for part, module_path, rank in FOREIGN_MODULES.values():
+        model = getattr(parts, part)
+        layers = {p.removeprefix("text_model."): m for p, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
+        assert layers[module_path].r["default"] == rank
+        assert layers[module_path].scaling["default"] == pytest.approx(1.0 / rank)
+        assert len(layers) == sum(1 for pa, _, _ in FOREIGN_MODULES.values() if pa == part)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "pass an existing LoRA .safetensors file"),
+        (b"not a safetensors file", "not a readable safetensors file"),
+        ({"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(1, 1280)}, "holds no LoRA"),  # an embeddings file
+    ],
+)
+def test_bad_network_weights_fail_before_loading(tiny_model, demo_images, tmp_path, content, message):
+    path = tmp_path / "weights.safetensors"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        save_file(content, path)
+    with pytest.raises(InputError, match=message):
+        flags_for(tiny_model, demo_images, tmp_path, "--network_weights", str(path))
+
+
+def test_network_weights_with_text_encoders_need_train_text_encoder(run_training, tiny_model, demo_images, tmp_path):
+    first = run_training(tmp_path / "first", "--train_text_encoder", "--max_train_steps", "1")
+    with pytest.raises(InputError, match="pass --train_text_encoder to continue them"):
+        flags_for(
+            tiny_model, demo_images, tmp_path, "--network_weights", str(first / "pytorch_lora_weights.safetensors")
+        )
