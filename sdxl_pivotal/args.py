@@ -306,6 +306,14 @@ def _add_kohya_flags(parser: argparse.ArgumentParser) -> None:
         "and targets replace --adapter/--rank/--lora_target for the parts it adapts, and training continues it",
     )
 
+    g.add_argument(
+        "--sample_prompts",
+        default=None,
+        help="(kohya) text file of sample prompts, one a line, with kohya's options --n --w --h --s --l --d",
+    )
+    g.add_argument("--sample_every_n_steps", type=int, default=None, help="(kohya) sample every N optimizer steps")
+    g.add_argument("--sample_every_n_epochs", type=int, default=None, help="(kohya) sample every N epochs")
+
 
 def _validate_kohya_flags(args: argparse.Namespace) -> None:
     for flag in ("save_every_n_epochs", "save_last_n_epochs"):
@@ -316,6 +324,18 @@ def _validate_kohya_flags(args: argparse.Namespace) -> None:
         raise InputError("--save_last_n_epochs needs --save_every_n_epochs (how often an epoch is saved).")
     if args.network_weights is not None:
         _validate_network_weights(args)
+    for flag in ("sample_every_n_steps", "sample_every_n_epochs"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise InputError(f"--{flag} must be at least 1, got {value}.")
+        if value is not None and args.sample_prompts is None:
+            raise InputError(f"--{flag} needs --sample_prompts FILE (the prompts to sample).")
+    if args.sample_every_n_steps is not None and args.sample_every_n_epochs is not None:
+        raise InputError("Pass --sample_every_n_steps or --sample_every_n_epochs, not both.")
+    if args.sample_prompts is not None:
+        from .sample_prompts import read_sample_prompts
+
+        read_sample_prompts(args.sample_prompts)  # a bad line fails now, named
 
 
 def _validate_network_weights(args: argparse.Namespace) -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .config import CONFIG_FILE
 from .errors import InputError, WriteError
 from .export import LORA_WEIGHTS_NAME, TEMPORARY_PATTERN, atomic_folder, embeddings_file_name, output_name
 
@@ -36,7 +37,7 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "training_state.json"
 PARAMS_FILE = "trainable_state.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
-# What a checkpoint holds besides its state (the user-facing files): safetensors only.
+# What a checkpoint holds besides its state (the user-facing files): safetensors only; and the run's flags.
 CHECKPOINT_SUFFIXES = (".safetensors", ".json")
 
 
@@ -242,7 +243,7 @@ def load_checkpoint(
 
 def remove_earlier_run(output_dir: Path) -> None:
     """--overwrite_output_dir: delete what an earlier run wrote in `output_dir` (its checkpoints, final LoRA,
-    embeddings, kohya file and validation images), so that nothing of it is resumed or mistaken for this run's.
+    embeddings, kohya file, validation and sample images), so that nothing of it is resumed or mistaken for this run's.
     Only files of ours are deleted; a checkpoint or validation folder holding anything else is refused, named.
     The model card (README.md) and tracker logs stay; the card is rewritten at the end."""
     from .formats.kohya import kohya_file_name  # formats/kohya.py imports this module
@@ -250,15 +251,17 @@ def remove_earlier_run(output_dir: Path) -> None:
     if not output_dir.is_dir():
         return
     folders = [p for p in output_dir.iterdir() if CHECKPOINT_PATTERN.match(p.name) and p.is_dir()]
-    validation = output_dir / "validation"
-    if validation.is_dir():
-        folders += [p for p in validation.iterdir() if p.is_dir() and re.fullmatch(r"step-\d+|final", p.name)]
+    image_folders = [output_dir / "validation", output_dir / "samples"]  # samples: --sample_prompts
+    for images in image_folders:
+        if images.is_dir():
+            folders += [p for p in images.iterdir() if p.is_dir() and re.fullmatch(r"step-\d+|final", p.name)]
     for folder in folders:
-        suffixes = (".png",) if folder.parent == validation else CHECKPOINT_SUFFIXES
+        suffixes = (".png",) if folder.parent in image_folders else CHECKPOINT_SUFFIXES
+        ours = {CONFIG_FILE} if suffixes is CHECKPOINT_SUFFIXES else set()
         foreign = [
             p.name
             for p in folder.iterdir()
-            if not (p.is_file() and p.suffix in suffixes) and not TEMPORARY_PATTERN.match(p.name)
+            if not (p.is_file() and (p.suffix in suffixes or p.name in ours)) and not TEMPORARY_PATTERN.match(p.name)
         ]
         if foreign:
             raise InputError(

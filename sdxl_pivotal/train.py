@@ -66,6 +66,7 @@ from .models import SDXLParts, check_mixed_precision, check_model_source, load_s
 from .monitor import Requests, TrainingMonitor
 from .optim import create_lr_scheduler, create_optimizer, parameter_groups, trainable_parameters
 from .prompts import PromptEncoder
+from .sample_prompts import is_sample_step, make_samples, read_sample_prompts, with_tokens
 from .tokens import PivotalTokens, add_new_tokens, embeddings_state
 from .validation import final_validation, is_validation_step, validate_during_training
 
@@ -217,9 +218,9 @@ def prepare_folders(args: argparse.Namespace, accelerator: Accelerator) -> None:
     for flag, folder in folders.items():
         check_writable(folder, flag)
     if accelerator.is_main_process:
-        validation = output_dir / "validation"
-        subfolders = sorted(p for p in validation.iterdir() if p.is_dir()) if validation.is_dir() else []
-        for folder in [output_dir, validation, *subfolders, *(f for f in [class_dir] if f is not None)]:
+        images = [output_dir / "validation", output_dir / "samples"]
+        subfolders = sorted(p for folder in images if folder.is_dir() for p in folder.iterdir() if p.is_dir())
+        for folder in [output_dir, *images, *subfolders, *(f for f in [class_dir] if f is not None)]:
             remove_temporaries(folder)
         if args.cache_latents and args.latents_cache_dir:
             remove_temporaries(Path(args.latents_cache_dir))
@@ -365,6 +366,7 @@ def train(args: argparse.Namespace) -> Path:
     validation_prompt = args.validation_prompt
     if tokens is not None and validation_prompt:
         validation_prompt = tokens.substitute(validation_prompt)
+    samples = with_tokens(read_sample_prompts(args.sample_prompts), tokens) if args.sample_prompts else []
     plan = StepPlan(
         len(dataset),
         args.train_batch_size,
@@ -481,6 +483,9 @@ def train(args: argparse.Namespace) -> Path:
         sample = requests.sample and bool(validation_prompt)
         if accelerator.is_main_process and (sample or is_validation_step(args, done, plan.steps_per_epoch)):
             validate_during_training(accelerator, parts, unwrapped, args, validation_prompt, seed, done)
+        sample_now = bool(samples) and (requests.sample or is_sample_step(args, done, plan.steps_per_epoch))
+        if accelerator.is_main_process and sample_now:  # --sample_prompts: kohya's sample images
+            make_samples(accelerator, parts, unwrapped, args, samples, seed, done)
         if requests.stop and done < total_steps:
             stopped = True
             break

@@ -115,7 +115,10 @@ SECOND_COMMAND_LINE = {
     "decompose_both",
     "lora_target_regex",  # vs --lora_target
     "overwrite_output_dir",  # vs --resume_from_checkpoint
+    "sample_every_n_epochs",  # vs --sample_every_n_steps (with a --sample_prompts file of its own)
 }
+# Flags that need another one on their command line: that one's flag, then the dest whose value it takes.
+COMPANIONS = {"sample_every_n_epochs": ("--sample_prompts", "sample_prompts")}
 # --datasets replaces both image sources: a command line of its own.
 THIRD_COMMAND_LINE = {"datasets"}
 # How every flag's source is named: these two are what the round trip exercises.
@@ -129,6 +132,10 @@ def flag_text(action: argparse.Action, tmp_path: Path, image_dir: Path) -> str:
         return SPECIAL[dest]
     if dest in ("instance_data_dir", "dataset_name"):
         return str(image_dir)
+    if dest == "sample_prompts":
+        path = tmp_path / "prompts.txt"
+        path.write_text("a photo of TOK toy --w 64 --h 64 --d 3\n")
+        return str(path)
     if dest == "network_weights":  # an existing LoRA file (its keys are all that parsing reads)
         path = tmp_path / "start.safetensors"
         save_file({"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": torch.zeros(1, 1)}, path)
@@ -152,6 +159,10 @@ def flag_text(action: argparse.Action, tmp_path: Path, image_dir: Path) -> str:
     return f"x-{dest}"
 
 
+def parser_action(dest: str) -> argparse.Action:
+    return next(a for a in build_parser()._actions if a.dest == dest)
+
+
 def every_flag_command_lines(tmp_path: Path, image_dir: Path) -> list[list[str]]:
     actions = [a for a in build_parser()._actions if a.option_strings and a.dest != "help"]
     base = ["--pretrained_model_name_or_path", "m", "--instance_prompt", "p"]
@@ -165,6 +176,9 @@ def every_flag_command_lines(tmp_path: Path, image_dir: Path) -> list[list[str]]
         elif action.dest in THIRD_COMMAND_LINE:
             target = third
         target += [action.option_strings[0], flag_text(action, tmp_path, image_dir)]
+        if action.dest in COMPANIONS:
+            flag, dest = COMPANIONS[action.dest]
+            target += [flag, flag_text(parser_action(dest), tmp_path, image_dir)]
     return [first, second, third]
 
 

@@ -1,5 +1,6 @@
 """What kohya's sd-scripts users expect, checked against kohya's own rules: block-weight presets of
---unet_block_lr over SDXL's SAI blocks; saving by epoch; starting from an existing LoRA file (--network_weights)."""
+--unet_block_lr over SDXL's SAI blocks; saving by epoch; starting from an existing LoRA file (--network_weights);
+sample prompts files."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from sdxl_pivotal.adapters import unet_adapter_plan
@@ -355,3 +358,105 @@ def test_network_weights_with_text_encoders_need_train_text_encoder(run_training
         flags_for(
             tiny_model, demo_images, tmp_path, "--network_weights", str(first / "pytorch_lora_weights.safetensors")
         )
+
+
+# ---------------------------------------------------------------------------------------------- --sample_prompts
+
+
+def test_sample_prompt_lines_read_as_kohya_reads_them(tmp_path):
+    from sdxl_pivotal.sample_prompts import SamplePrompt, read_sample_prompts
+
+    path = tmp_path / "prompts.txt"
+    path.write_text(
+        "# a comment\n\n"
+        "a TOK toy, on a beach --n blurry, low quality --w 1024 --h 768 --d 42 --l 5.5 --s 30\n"
+        "TOK toy in the snow\n"
+    )
+    assert read_sample_prompts(path) == [
+        SamplePrompt("a TOK toy, on a beach", "blurry, low quality", 1024, 768, 30, 5.5, 42),
+        SamplePrompt("TOK toy in the snow"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("a toy --x 3", "line 1: unknown option --x"),
+        ("a toy --w wide", "--w needs one value"),
+        ("a toy --w 100", "positive multiple of 8"),
+        ("a toy --d 1 --d 2", "--d needs one value"),
+        (" --w 64", "no prompt"),
+    ],
+)
+def test_bad_sample_prompt_lines_fail_before_loading(tiny_model, demo_images, tmp_path, line, message):
+    path = tmp_path / "prompts.txt"
+    path.write_text(line + "\n")
+    with pytest.raises(InputError, match=message):
+        flags_for(tiny_model, demo_images, tmp_path, "--sample_prompts", str(path), "--sample_every_n_steps", "2")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--sample_every_n_steps", "2"), "needs --sample_prompts"),
+        (("--sample_prompts", "missing.txt"), "no such file"),
+    ],
+)
+def test_bad_sample_flags_fail_before_loading(tiny_model, demo_images, tmp_path, flags, message):
+    with pytest.raises(InputError, match=message):
+        flags_for(tiny_model, demo_images, tmp_path, *flags)
+
+
+def test_sample_images_per_step_with_their_options_and_on_request(run_training, tmp_path, monkeypatch):
+    from sdxl_pivotal.sample_prompts import SamplePrompt, with_tokens
+    from sdxl_pivotal.tokens import PivotalTokens
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(
+        "TOK toy --w 64 --h 32 --s 2 --d 5 --l 3\n"
+        "TOK toy --w 64 --h 32 --s 2 --d 5 --l 3 --n blurry\n"
+        "TOK toy --w 64 --h 32 --s 2 --d 5 --l 3\n"
+        "TOK toy --w 64 --h 32 --s 2 --d 6 --l 3\n"
+        "a photo of TOK toy --s 2\n"
+    )
+    out = tmp_path / "run"
+    original = TrainingMonitor.step_done
+
+    def sample_now_at_step_1(self, step, *args, **kwargs):  # "sample now", as the Space asks it
+        values = original(self, step, *args, **kwargs)
+        if step == 1:
+            request(out, "sample")
+        return values
+
+    monkeypatch.setattr(TrainingMonitor, "step_done", sample_now_at_step_1)
+    flags = ("--max_train_steps", "4", "--checkpointing_steps", "100", "--train_text_encoder_ti")
+    run_training(
+        out, *flags, "--sample_prompts", str(prompts), "--sample_every_n_steps", "2", "--report_to", "tensorboard"
+    )
+    monkeypatch.undo()
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-1", "step-2", "step-4"]
+
+    images = [np.asarray(Image.open(out / "samples" / "step-4" / f"{i}.png"), dtype=np.float32) for i in range(5)]
+    assert [im.shape for im in images] == [(32, 64, 3)] * 4 + [(64, 64, 3)], "--w/--h; the training resolution"
+    assert np.array_equal(images[0], images[2]), "the same line, the same image (--d seeds it)"
+    assert np.abs(images[0] - images[3]).mean() > 0, "another --d, another image"
+    assert np.abs(images[0] - images[1]).mean() > 0, "--n changes the image"
+    from test_validation import tensorboard_image_tags
+
+    tags = tensorboard_image_tags(out / "logs")
+    assert all(sorted(tags[f"samples/{i}"]) == [1, 2, 4] for i in range(5))
+
+    tokens = PivotalTokens.from_flags("TOK", 2)
+    assert with_tokens([SamplePrompt("TOK toy", "not TOK")], tokens) == [SamplePrompt("<s0><s1> toy", "not <s0><s1>")]
+
+    # Sampling changes no weight.
+    plain = run_training(tmp_path / "plain", *flags)
+    sampled, expected = (
+        load_file(out / "pytorch_lora_weights.safetensors"),
+        load_file(plain / "pytorch_lora_weights.safetensors"),
+    )
+    assert all(torch.equal(sampled[k], expected[k]) for k in expected)
+
+    # --overwrite_output_dir removes the earlier run's sample images too.
+    run_training(out, "--max_train_steps", "1", "--overwrite_output_dir")
+    assert list((out / "samples").iterdir()) == []
