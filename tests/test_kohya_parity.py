@@ -1,6 +1,6 @@
 """What kohya's sd-scripts users expect, checked against kohya's own rules: block-weight presets of
 --unet_block_lr over SDXL's SAI blocks; saving by epoch; starting from an existing LoRA file (--network_weights);
-sample prompts files."""
+sample prompts files; kohya's svd-merge tool."""
 
 from __future__ import annotations
 
@@ -460,3 +460,72 @@ def test_sample_images_per_step_with_their_options_and_on_request(run_training, 
     # --overwrite_output_dir removes the earlier run's sample images too.
     run_training(out, "--max_train_steps", "1", "--overwrite_output_dir")
     assert list((out / "samples").iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------- tools svd-merge
+
+
+def test_svd_merge_at_full_rank_equals_both_loras_loaded_at_their_ratios(
+    run_training, tiny_model, demo_images, tmp_path, capsys
+):
+    from test_formats import assert_outputs_equal, fresh_pipeline, outputs
+
+    from sdxl_pivotal.formats import load_for_diffusers
+    from sdxl_pivotal.tools.cli import main
+
+    # Ours (diffusers file; LoCon, text encoders, alpha != rank) and another trainer's kohya file, partly overlapping.
+    flags = ("--conv_rank", "2", "--lora_alpha", "2", "--train_text_encoder", "--max_train_steps", "1")
+    ours = run_training(tmp_path / "ours", *flags, "--learning_rate", "1e-2", "--text_encoder_lr", "1e-2")
+    args = flags_for(tiny_model, demo_images, tmp_path)
+    other = tmp_path / "other.safetensors"
+    foreign_kohya_file(other, load_sdxl(args))
+    first = ours / "pytorch_lora_weights.safetensors"
+
+    merged = tmp_path / "merged.safetensors"
+    argv = [first, other, "--ratios", 0.7, 0.3, "--rank", 64, "--base", tiny_model, "--output", merged]
+    assert main(["svd-merge", *map(str, argv)]) == 0
+    assert "overall retained energy: 1.000000" in capsys.readouterr().out
+
+    together = fresh_pipeline(tiny_model)
+    load_for_diffusers(together, first, adapter_name="a")
+    load_for_diffusers(together, other, adapter_name="b")
+    together.set_adapters(["a", "b"], [0.7, 0.3])
+    single = fresh_pipeline(tiny_model)
+    load_for_diffusers(single, merged)
+    assert_outputs_equal(outputs(single), outputs(together), atol=1e-5)
+    only_ours = fresh_pipeline(tiny_model)
+    load_for_diffusers(only_ours, first)
+    for merged_output, ours_output in zip(outputs(single), outputs(only_ours), strict=True):
+        assert not torch.allclose(merged_output, ours_output, atol=1e-4), "both LoRAs count"
+
+    # At a lower rank: each module at most that rank, in kohya's form when asked (--to kohya).
+    low = tmp_path / "low.safetensors"
+    argv = [first, other, "--ratios", 0.7, 0.3, "--rank", 1, "--base", tiny_model, "--output", low, "--to", "kohya"]
+    assert main(["svd-merge", *map(str, argv)]) == 0
+    state = load_file(low)
+    downs = [v for k, v in state.items() if k.endswith("lora_down.weight")]
+    assert downs and all(v.shape[0] == 1 for v in downs)
+    assert all(
+        float(state[k.replace("lora_down.weight", "alpha")]) == 1.0 for k in state if k.endswith("lora_down.weight")
+    )
+
+
+def test_svd_merge_bad_input_is_one_line(tiny_model, demo_images, tmp_path, capsys):
+    from sdxl_pivotal.tools.cli import main
+
+    args = flags_for(tiny_model, demo_images, tmp_path)
+    other = tmp_path / "other.safetensors"
+    foreign_kohya_file(other, load_sdxl(args))
+    argv = [
+        "svd-merge",
+        str(other),
+        str(other),
+        "--ratios",
+        "1",
+        "--rank",
+        "4",
+        "--output",
+        str(tmp_path / "o.safetensors"),
+    ]
+    assert main([*argv, "--base", str(tiny_model)]) == 2
+    assert "2 LoRA files" in capsys.readouterr().err
