@@ -529,3 +529,50 @@ def test_svd_merge_bad_input_is_one_line(tiny_model, demo_images, tmp_path, caps
     ]
     assert main([*argv, "--base", str(tiny_model)]) == 2
     assert "2 LoRA files" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- two processes
+
+
+@pytest.mark.slow
+def test_two_processes_with_kohya_options_resume_exactly(run_training, tiny_model, demo_images, tmp_path):
+    """--network_weights, block-weight presets, epoch saves and sample prompts under DDP (2 CPU processes)."""
+    import shutil
+
+    from test_multiprocess import torchrun
+
+    start = run_training(tmp_path / "start", "--max_train_steps", "1", "--rank", "2", "--learning_rate", "1e-2")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("TOK toy --w 32 --h 32 --s 1 --d 3\n")
+    flags = ("--network_weights", str(start / "pytorch_lora_weights.safetensors"), "--unet_block_lr", "up=cosine+0.5")
+    flags += ("--save_every_n_epochs", "1", "--sample_prompts", str(prompts), "--sample_every_n_steps", "2")
+    full = tmp_path / "full"
+    torchrun(full, tiny_model, demo_images, *flags)
+    assert sorted(p.name for p in (full / "samples").iterdir()) == ["step-2", "step-4"]
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
+    torchrun(resumed, tiny_model, demo_images, *flags, "--resume_from_checkpoint", "latest")
+    left, right = (
+        load_file(full / "pytorch_lora_weights.safetensors"),
+        load_file(resumed / "pytorch_lora_weights.safetensors"),
+    )
+    assert left.keys() == load_file(start / "pytorch_lora_weights.safetensors").keys()
+    assert all(torch.equal(left[k], right[k]) for k in left)
+
+
+def test_sample_and_save_schedules_by_step_and_epoch():
+    from argparse import Namespace
+
+    from sdxl_pivotal.checkpoints import checkpoint_due
+    from sdxl_pivotal.sample_prompts import is_sample_step
+
+    by_epoch = Namespace(sample_every_n_steps=None, sample_every_n_epochs=2)
+    assert [s for s in range(1, 13) if is_sample_step(by_epoch, s, 3)] == [6, 12]
+    by_step = Namespace(sample_every_n_steps=4, sample_every_n_epochs=None)
+    assert [s for s in range(1, 13) if is_sample_step(by_step, s, 3)] == [4, 8, 12]
+    assert not any(
+        is_sample_step(Namespace(sample_every_n_steps=None, sample_every_n_epochs=None), s, 3) for s in range(1, 13)
+    )
+    saves = Namespace(checkpointing_steps=5, save_every_n_epochs=3)
+    assert [s for s in range(1, 19) if checkpoint_due(saves, s, 2)] == [5, 6, 10, 12, 15, 18]
