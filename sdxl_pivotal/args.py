@@ -11,7 +11,6 @@ import argparse
 import importlib.util
 import os
 import re
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -315,6 +314,28 @@ def _add_kohya_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sample_every_n_epochs", type=int, default=None, help="(kohya) sample every N epochs")
 
 
+# Flags that shape the UNet's adapters, and also the text encoders' (--network_weights replaces them).
+UNET_SHAPE_FLAGS = (
+    "lora_target",
+    "lora_target_regex",
+    "conv_rank",
+    "conv_alpha",
+    "lora_unet_blocks",
+    "use_blora",
+    "unet_block_ranks",
+    "unet_block_conv_ranks",
+)
+NETWORK_WEIGHTS_IGNORES = (
+    "adapter",
+    "rank",
+    "lora_alpha",
+    "use_dora",
+    "lokr_factor",
+    "decompose_both",
+    *UNET_SHAPE_FLAGS,
+)
+
+
 def _validate_kohya_flags(args: argparse.Namespace) -> None:
     for flag in ("save_every_n_epochs", "save_last_n_epochs"):
         value = getattr(args, flag)
@@ -358,6 +379,16 @@ def _validate_network_weights(args: argparse.Namespace) -> None:
         raise InputError(
             f"--network_weights {path} adapts the text encoders too: pass --train_text_encoder to continue them "
             "(without --train_text_encoder_ti), or use a file with UNet adapters only."
+        )
+    # The file decides the adapters of the parts it adapts; the flags still shape encoders it lacks.
+    shaping = NETWORK_WEIGHTS_IGNORES if parts >= {"unet", "text_encoder", "text_encoder_2"} else UNET_SHAPE_FLAGS
+    defaults = build_parser()
+    ignored = [f"--{flag}" for flag in shaping if getattr(args, flag) != defaults.get_default(flag)]
+    if "unet" in parts and ignored:
+        warnings.warn(
+            f"--network_weights {path} decides the adapters' family, ranks and targets: {', '.join(ignored)} "
+            "have no effect on the parts it adapts.",
+            stacklevel=2,
         )
 
 

@@ -5,8 +5,8 @@ options, every `--sample_every_n_steps` steps or `--sample_every_n_epochs` epoch
 One prompt per line, as kohya's sd-scripts read it: the prompt, then options each introduced by ` --`:
 `--n` negative prompt, `--w` / `--h` width and height, `--s` denoising steps, `--l` guidance scale, `--d` seed.
 Empty lines and lines starting with `#` are skipped. Unset options: the training resolution,
---validation_inference_steps, kohya's guidance 7.5 and the run's seed. The token abstraction (TOK) is replaced by the new tokens.
-Images go to `output_dir/samples/step-N/<line>.png` and to the trackers (`samples/<line>`).
+--validation_inference_steps, kohya's guidance 7.5 and the run's seed. The token abstraction (TOK) is replaced by
+the new tokens. Images go to `output_dir/samples/step-N/<line>.png` and to the trackers (`samples/<line>`).
 """
 
 from __future__ import annotations

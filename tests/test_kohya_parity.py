@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -350,6 +351,16 @@ def test_bad_network_weights_fail_before_loading(tiny_model, demo_images, tmp_pa
         save_file(content, path)
     with pytest.raises(InputError, match=message):
         flags_for(tiny_model, demo_images, tmp_path, "--network_weights", str(path))
+
+
+def test_network_weights_warn_about_the_flags_they_replace(run_training, tiny_model, demo_images, tmp_path):
+    first = run_training(tmp_path / "first", "--max_train_steps", "1")
+    weights = ("--network_weights", str(first / "pytorch_lora_weights.safetensors"))
+    with pytest.warns(UserWarning, match=r"--conv_rank, --unet_block_ranks have no effect"):
+        flags_for(tiny_model, demo_images, tmp_path, *weights, "--conv_rank", "2", "--unet_block_ranks", "down=2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        flags_for(tiny_model, demo_images, tmp_path, *weights, "--rank", "8")  # the UNet-only file: encoders' rank
 
 
 def test_network_weights_with_text_encoders_need_train_text_encoder(run_training, tiny_model, demo_images, tmp_path):
