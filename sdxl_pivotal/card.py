@@ -240,8 +240,8 @@ def write_model_card(
     return save_text(model_card(args, tokens, images, repo_id, output_dir), output_dir / "README.md")
 
 
-# Not uploaded: intermediate training state and tracker logs.
-HUB_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "logs/**", ".*", ".*/**"]
+# Not uploaded: intermediate training state, tracker logs, the monitor's metrics and control files (monitor.py).
+HUB_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "logs/**", "metrics.jsonl", "control/**", ".*", ".*/**"]
 
 
 def hub_api(token: str | None):
