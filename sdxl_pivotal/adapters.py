@@ -11,14 +11,16 @@ builds the layers (LoHa, LoKr and DoRA are PEFT's own).
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from peft import LoHaConfig, LoKrConfig, LoraConfig, PeftConfig
 
-from .args import parse_block_values, parse_unet_blocks
+from .args import BlockLrPreset, parse_block_values, parse_unet_blocks
 from .errors import InputError
 
 UNET_ATTENTION_PROJECTIONS = ("to_k", "to_q", "to_v", "to_out.0")
@@ -26,6 +28,9 @@ UNET_FEED_FORWARD = ("ff.net.0.proj", "ff.net.2")
 TEXT_ENCODER_ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
 BLORA_BLOCKS = "up_blocks.0.attentions.0,up_blocks.0.attentions.1"
 UNET_BLOCKS = ("down_blocks.", "mid_block.", "up_blocks.")
+# kohya's block-weight presets are curves over SDXL's 9 SAI input_blocks (or output_blocks).
+SAI_BLOCKS_PER_SIDE = 9
+_SAI_PART = re.compile(r"^(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.")
 
 
 def _ends_with(names: tuple[str, ...]) -> Callable[[str], bool]:
@@ -77,7 +82,7 @@ def unet_adapter_plan(unet: torch.nn.Module, args: argparse.Namespace) -> Adapte
     conv_set = set(conv)
     ranks = _block_values(args.unet_block_ranks, "--unet_block_ranks", linear + conv)
     conv_ranks = _block_values(args.unet_block_conv_ranks, "--unet_block_conv_ranks", conv)
-    lr_scales = _block_values(args.unet_block_lr, "--unet_block_lr", linear + conv)
+    lr_scales = _block_values(args.unet_block_lr, "--unet_block_lr", linear + conv, unet.config.layers_per_block)
     plan = {}
     for path in selected:
         is_conv = path in conv_set and bool(args.conv_rank)
@@ -117,19 +122,60 @@ def _inside_blocks(selected: list[str], blocks: list[str], every: list[str]) -> 
     return [path for path in selected if any(path.startswith(block + ".") for block in blocks)]
 
 
-def _block_values(spec: str | None, flag: str, paths: list[str]) -> Callable[[str, float], float]:
+def _block_values(
+    spec: str | None, flag: str, paths: list[str], layers_per_block: int | None = None
+) -> Callable[[str, float], float]:
     """A lookup `(module path, default) -> value` for a per-block flag: the value of the longest block prefix of
-    the path, else the default. Every block the flag names must hold at least one of `paths`."""
-    values = parse_block_values(spec, flag) if spec else {}
+    the path (a kohya preset gives the value of the path's SAI block), else the default. Every block the flag
+    names must hold at least one of `paths`."""
+    values = parse_block_values(spec, flag, presets=layers_per_block is not None) if spec else {}
     for block in values:
         if not any(path.startswith(block + ".") for path in paths):
             raise InputError(f"{flag}: the UNet has no adaptable module in {block!r}.")
     by_length = sorted(values, key=len, reverse=True)
 
     def lookup(path: str, default: float) -> float:
-        return next((values[block] for block in by_length if path.startswith(block + ".")), default)
+        value = next((values[block] for block in by_length if path.startswith(block + ".")), default)
+        if isinstance(value, BlockLrPreset):
+            return preset_weights(value)[sai_block_index(path, layers_per_block)]
+        return value
 
     return lookup
+
+
+def preset_weights(preset: BlockLrPreset) -> list[float]:
+    """kohya's weights of a preset over the 9 SAI blocks of one side (index 0: input_blocks.0 / output_blocks.0),
+    plus its offset; a weight of 0 or less is 0 (kohya's default zero threshold), and such a block has no adapter.
+    sine rises from 0 (shallow) to 1 (deep), cosine falls from 1 to 0; linear and reverse_linear likewise."""
+    ramp = [i / (SAI_BLOCKS_PER_SIDE - 1) for i in range(SAI_BLOCKS_PER_SIDE)]
+    curves = {
+        "sine": [math.sin(math.pi * x / 2) for x in ramp],
+        "cosine": [math.sin(math.pi * x / 2) for x in reversed(ramp)],
+        "linear": ramp,
+        "reverse_linear": ramp[::-1],
+        "zeros": [0.0] * SAI_BLOCKS_PER_SIDE,
+    }
+    return [max(weight + preset.offset, 0.0) for weight in curves[preset.name]]
+
+
+def sai_block_index(path: str, layers_per_block: int) -> int:
+    """The SAI (original SDXL) block number of a diffusers down/up-block module: `input_blocks.N` (conv_in is 0,
+    then each down block's resnets/attentions and its downsampler) or `output_blocks.N` (each up block's
+    layers_per_block + 1 resnets/attentions, its upsampler with the last). SDXL: 3 down blocks -> 1..8."""
+    match = _SAI_PART.match(path)
+    if match is None:
+        raise InputError(f"--unet_block_lr: kohya's presets weigh down and up blocks; {path!r} is in neither.")
+    side, block, part, index = match.group(1), int(match.group(2)), match.group(3), int(match.group(4))
+    if side == "down":
+        number = 1 + (layers_per_block + 1) * block + (layers_per_block if part == "downsamplers" else index)
+    else:
+        number = (layers_per_block + 1) * block + (layers_per_block if part == "upsamplers" else index)
+    if number >= SAI_BLOCKS_PER_SIDE:
+        raise InputError(
+            f"--unet_block_lr: kohya's presets cover SDXL's {SAI_BLOCKS_PER_SIDE} blocks per side; {path!r} is "
+            f"block {number} of this UNet. Give its blocks numbers instead."
+        )
+    return number
 
 
 def peft_config(args: argparse.Namespace, plan: AdapterPlan) -> PeftConfig:
@@ -159,15 +205,59 @@ def peft_config(args: argparse.Namespace, plan: AdapterPlan) -> PeftConfig:
 
 
 def add_adapters(parts, args: argparse.Namespace) -> AdapterPlan:
-    """Attach the trainable adapters (UNet; text encoders with --train_text_encoder); return the UNet's plan."""
-    plan = unet_adapter_plan(parts.unet, args)
-    parts.unet.add_adapter(peft_config(args, plan))
+    """Attach the trainable adapters (UNet; text encoders with --train_text_encoder); return the UNet's plan.
+    With --network_weights, the parts the file adapts get its adapters and weights instead of the flags'."""
+    loaded = load_network_weights(parts, Path(args.network_weights)) if args.network_weights else set()
+    if "unet" in loaded:
+        plan = loaded_unet_plan(parts.unet, args)
+    else:
+        plan = unet_adapter_plan(parts.unet, args)
+        parts.unet.add_adapter(peft_config(args, plan))
     if args.train_text_encoder:
         # The text encoders' attention projections, by name: PEFT matches them in either transformers layout
         # (with or without the `text_model.` level), so the files load in either.
         attention = {name: ModuleAdapter(args.rank, args.lora_alpha) for name in TEXT_ENCODER_ATTENTION_PROJECTIONS}
-        for encoder in (parts.text_encoder, parts.text_encoder_2):
-            encoder.add_adapter(peft_config(args, attention))
+        for part in ("text_encoder", "text_encoder_2"):
+            if part not in loaded:
+                getattr(parts, part).add_adapter(peft_config(args, attention))
+    return plan
+
+
+def load_network_weights(parts, path: Path) -> set[str]:
+    """--network_weights: attach the adapters of a LoRA file (diffusers or kohya; ours or another trainer's) with
+    the family, ranks, alphas and targets the file has, holding its weights; return the parts it adapts."""
+    from peft import set_peft_model_state_dict
+
+    from .formats.families import live_peft
+    from .formats.load import peft_loras, read_safetensors
+
+    models = {part: getattr(parts, part) for part in ("unet", "text_encoder", "text_encoder_2")}
+    state, metadata = read_safetensors(path)
+    try:
+        loras = peft_loras(state, metadata, models)
+    except ValueError as error:
+        raise InputError(f"--network_weights {path}: {error}") from None
+    for part, lora in loras.items():
+        model = models[part]
+        model.add_adapter(lora.config)
+        set_peft_model_state_dict(model, lora.state)
+        live = live_peft(model).state
+        if live.keys() != lora.state.keys() or any(not torch.equal(live[k], v) for k, v in lora.state.items()):
+            raise InputError(f"--network_weights {path}: its {part} adapters do not fit this model's modules.")
+    return set(loras)
+
+
+def loaded_unet_plan(unet: torch.nn.Module, args: argparse.Namespace) -> AdapterPlan:
+    """The plan of the UNet's adapters as --network_weights attached them, with --unet_block_lr's scales (a block
+    at learning rate 0 keeps the file's weights)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = {path: m for path, m in unet.named_modules() if isinstance(m, BaseTunerLayer) and m.r}
+    lr_scales = _block_values(args.unet_block_lr, "--unet_block_lr", list(layers), unet.config.layers_per_block)
+    plan = {}
+    for path, layer in layers.items():
+        rank = layer.r["default"]
+        plan[path] = ModuleAdapter(rank, layer.scaling["default"] * rank, lr_scales(path, 1.0))
     return plan
 
 

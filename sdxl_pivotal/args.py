@@ -12,6 +12,7 @@ import importlib.util
 import os
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from .class_images import validate_prior_flags
@@ -180,7 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--unet_block_ranks", default=None, help="(ours) per-block ranks, e.g. 'down=2,mid=4,up_blocks.0=16'; 0: none"
     )
     g.add_argument("--unet_block_conv_ranks", default=None, help="(ours) per-block convolution ranks, same syntax")
-    g.add_argument("--unet_block_lr", default=None, help="(ours) per-block learning-rate multipliers, e.g. 'down=0.5'")
+    g.add_argument(
+        "--unet_block_lr",
+        default=None,
+        help="(ours) per-block learning-rate multipliers, e.g. 'down=0.5'; down/up also take kohya's presets "
+        "sine, cosine, linear, reverse_linear, zeros (+offset), e.g. 'down=sine,up=cosine+0.5'",
+    )
     g.add_argument("--rank_dropout", type=float, default=0.0, help="(ours) LoHa/LoKr: dropout over the rank")
     g.add_argument("--module_dropout", type=float, default=0.0, help="(ours) LoHa/LoKr: dropout of whole modules")
     _add_bool(g, "--use_effective_conv2d", False, "(ours) LoHa/LoKr: Tucker (CP) decomposition of 3x3 convolutions")
@@ -268,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hub_model_id", default=None)
     g.add_argument("--local_rank", type=int, default=-1, help="set by the launcher")
 
+    _add_kohya_flags(parser)
+
     g = parser.add_argument_group("speed (ours)")
     _add_bool(g, "--adam_fused", False, "(ours) torch's fused AdamW kernel (one kernel per step; not with 8-bit Adam)")
     _add_bool(g, "--channels_last", False, "(ours) UNet in channels-last memory format (faster convolutions on GPUs)")
@@ -283,6 +291,116 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--config", default=None, help="(ours) YAML, TOML or JSON file of flags; the command line wins")
     _add_bool(g, "--print_config", False, "(ours) print the effective configuration (YAML) and exit")
     return parser
+
+
+def _add_kohya_flags(parser: argparse.ArgumentParser) -> None:
+    """Options named as in kohya's sd-scripts, for its users; checked by `_validate_kohya_flags` below."""
+    g = parser.add_argument_group("kohya's sd-scripts options")
+    g.add_argument(
+        "--save_every_n_epochs",
+        type=int,
+        default=None,
+        help="(kohya) also save a checkpoint at the end of every N-th epoch, beside --checkpointing_steps",
+    )
+    g.add_argument(
+        "--save_last_n_epochs",
+        type=int,
+        default=None,
+        help="(kohya) with --save_every_n_epochs, keep the checkpoints of the last N epoch saves only",
+    )
+
+    g.add_argument(
+        "--network_weights",
+        default=None,
+        help="(kohya) start from this LoRA file (diffusers or kohya format, any trainer's): its family, ranks "
+        "and targets replace --adapter/--rank/--lora_target for the parts it adapts, and training continues it",
+    )
+
+    g.add_argument(
+        "--sample_prompts",
+        default=None,
+        help="(kohya) text file of sample prompts, one a line, with kohya's options --n --w --h --s --l --d",
+    )
+    g.add_argument("--sample_every_n_steps", type=int, default=None, help="(kohya) sample every N optimizer steps")
+    g.add_argument("--sample_every_n_epochs", type=int, default=None, help="(kohya) sample every N epochs")
+
+
+# Flags that shape the UNet's adapters, and also the text encoders' (--network_weights replaces them).
+UNET_SHAPE_FLAGS = (
+    "lora_target",
+    "lora_target_regex",
+    "conv_rank",
+    "conv_alpha",
+    "lora_unet_blocks",
+    "use_blora",
+    "unet_block_ranks",
+    "unet_block_conv_ranks",
+)
+NETWORK_WEIGHTS_IGNORES = (
+    "adapter",
+    "rank",
+    "lora_alpha",
+    "use_dora",
+    "lokr_factor",
+    "decompose_both",
+    *UNET_SHAPE_FLAGS,
+)
+
+
+def _validate_kohya_flags(args: argparse.Namespace) -> None:
+    for flag in ("save_every_n_epochs", "save_last_n_epochs"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise InputError(f"--{flag} must be at least 1, got {value}.")
+    if args.save_last_n_epochs is not None and args.save_every_n_epochs is None:
+        raise InputError("--save_last_n_epochs needs --save_every_n_epochs (how often an epoch is saved).")
+    if args.network_weights is not None:
+        _validate_network_weights(args)
+    for flag in ("sample_every_n_steps", "sample_every_n_epochs"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise InputError(f"--{flag} must be at least 1, got {value}.")
+        if value is not None and args.sample_prompts is None:
+            raise InputError(f"--{flag} needs --sample_prompts FILE (the prompts to sample).")
+    if args.sample_every_n_steps is not None and args.sample_every_n_epochs is not None:
+        raise InputError("Pass --sample_every_n_steps or --sample_every_n_epochs, not both.")
+    if args.sample_prompts is not None:
+        from .sample_prompts import read_sample_prompts
+
+        read_sample_prompts(args.sample_prompts)  # a bad line fails now, named
+
+
+def _validate_network_weights(args: argparse.Namespace) -> None:
+    """The file is a LoRA of ours or another trainer's (read from its keys only), and its text-encoder adapters,
+    if any, will be trained."""
+    from safetensors import SafetensorError
+
+    from .formats.load import lora_file_parts
+
+    path = Path(args.network_weights)
+    if not path.is_file() or path.suffix != ".safetensors":
+        raise InputError(f"--network_weights {path}: pass an existing LoRA .safetensors file (diffusers or kohya).")
+    try:
+        parts = lora_file_parts(path)
+    except ValueError as error:
+        raise InputError(f"--network_weights: {error} Pass a LoRA file (diffusers or kohya format).") from None
+    except (OSError, SafetensorError) as error:
+        raise InputError(f"--network_weights {path} is not a readable safetensors file ({error}).") from None
+    if parts - {"unet"} and not args.train_text_encoder:
+        raise InputError(
+            f"--network_weights {path} adapts the text encoders too: pass --train_text_encoder to continue them "
+            "(without --train_text_encoder_ti), or use a file with UNet adapters only."
+        )
+    # The file decides the adapters of the parts it adapts; the flags still shape encoders it lacks.
+    shaping = NETWORK_WEIGHTS_IGNORES if parts >= {"unet", "text_encoder", "text_encoder_2"} else UNET_SHAPE_FLAGS
+    defaults = build_parser()
+    ignored = [f"--{flag}" for flag in shaping if getattr(args, flag) != defaults.get_default(flag)]
+    if "unet" in parts and ignored:
+        warnings.warn(
+            f"--network_weights {path} decides the adapters' family, ranks and targets: {', '.join(ignored)} "
+            "have no effect on the parts it adapts.",
+            stacklevel=2,
+        )
 
 
 def join_negative_values(argv: list[str]) -> list[str]:
@@ -402,6 +520,7 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.text_encoder_lr < 0:
         raise InputError(f"--text_encoder_lr must be 0 or more (5e-6 is the default), got {args.text_encoder_lr}.")
     _validate_adapter_flags(args)
+    _validate_kohya_flags(args)
     _validate_packages(args)
 
     if not args.output_kohya_format:
@@ -469,7 +588,7 @@ def _validate_adapter_flags(args: argparse.Namespace) -> None:
     for flag in ("unet_block_ranks", "unet_block_conv_ranks", "unet_block_lr"):
         spec = getattr(args, flag)
         if spec is not None:
-            values = parse_block_values(spec, f"--{flag}")
+            values = parse_block_values(spec, f"--{flag}", presets=flag == "unet_block_lr")
             if flag != "unet_block_lr" and any(v != int(v) for v in values.values()):
                 raise InputError(f"--{flag}: ranks are whole numbers, got {spec!r}.")
 
@@ -533,6 +652,9 @@ def _validate_output_dir(args: argparse.Namespace) -> None:
         )
 
 
+# kohya's presets of --down_lr_weight / --up_lr_weight (networks/lora.py), each with an optional +offset.
+BLOCK_LR_PRESETS = ("sine", "cosine", "linear", "reverse_linear", "zeros")
+_BLOCK_LR_PRESET_PATTERN = re.compile(r"^(" + "|".join(BLOCK_LR_PRESETS) + r")(?:\+(\d+\.?\d*|\.\d+))?$")
 _BLOCK_PATTERN = re.compile(r"^(down_blocks\.\d+|mid_block|up_blocks\.\d+)(\.(attentions|resnets)\.\d+)?$")
 
 
@@ -550,11 +672,12 @@ def parse_unet_blocks(spec: str) -> list[str]:
     return blocks
 
 
-def parse_block_values(spec: str, flag: str) -> dict[str, float]:
+def parse_block_values(spec: str, flag: str, presets: bool = False) -> dict[str, float | BlockLrPreset]:
     """`"down=2, mid=4, up_blocks.0.attentions.1=16"` -> {"down_blocks": 2.0, "mid_block": 4.0, ...}.
 
-    A key is a group (down, mid, up) or a block as --lora_unet_blocks names it; values are non-negative numbers."""
-    values = {}
+    A key is a group (down, mid, up) or a block as --lora_unet_blocks names it; values are non-negative numbers.
+    With `presets` (--unet_block_lr), down and up also take one of kohya's weight presets (`down=sine+0.5`)."""
+    values: dict[str, float | BlockLrPreset] = {}
     for item in "".join(spec.split()).split(","):
         key, _, value = item.partition("=")
         block = BLOCK_ALIASES.get(key, key.removeprefix("unet."))
@@ -563,11 +686,38 @@ def parse_block_values(spec: str, flag: str) -> dict[str, float]:
                 f"{flag}: {key!r} is not a UNet block; use down, mid, up or names such as down_blocks.1 or "
                 "up_blocks.0.attentions.1 (as in 'down=2,up_blocks.0=16')."
             )
+        preset = parse_block_lr_preset(value) if presets else None
+        if preset is not None:
+            if block not in ("down_blocks", "up_blocks") or block in values:
+                raise InputError(
+                    f"{flag}: {item!r}: kohya's presets ({', '.join(BLOCK_LR_PRESETS)}) weigh the down or up "
+                    "blocks, as in 'down=sine,up=cosine+0.5'; give mid and single blocks a number."
+                )
+            values[block] = preset
+            continue
         try:
             number = float(value)
         except ValueError:
             number = -1.0
         if number < 0 or block in values:
-            raise InputError(f"{flag}: {item!r} needs one non-negative number per block, as in 'down=2,up=8'.")
+            hint = f", or for down/up one of {', '.join(BLOCK_LR_PRESETS)} (+offset)" if presets else ""
+            raise InputError(f"{flag}: {item!r} needs one non-negative number per block{hint}, as in 'down=2,up=8'.")
         values[block] = number
     return values
+
+
+@dataclass(frozen=True)
+class BlockLrPreset:
+    """kohya's `down_lr_weight` / `up_lr_weight` preset: a curve over the 9 SAI input (or output) blocks of
+    SDXL's UNet, plus an offset (`sine+0.5`)."""
+
+    name: str
+    offset: float = 0.0
+
+
+def parse_block_lr_preset(text: str) -> BlockLrPreset | None:
+    """`"cosine+0.25"` -> BlockLrPreset("cosine", 0.25); None if `text` names no preset."""
+    match = _BLOCK_LR_PRESET_PATTERN.match(text)
+    if match is None:
+        return None
+    return BlockLrPreset(match.group(1), float(match.group(2)) if match.group(2) else 0.0)

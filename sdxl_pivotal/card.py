@@ -16,6 +16,8 @@ SETTINGS = (
     "use_dora",
     "lora_target",
     "conv_rank",
+    "unet_block_lr",
+    "network_weights",
     "optimizer",
     "learning_rate",
     "text_encoder_lr",
@@ -36,18 +38,19 @@ SETTINGS = (
 
 
 def diffusers_code(
-    args: argparse.Namespace, tokens: PivotalTokens | None, lora_file: Path, repo_id: str | None = None
+    args: argparse.Namespace, tokens: PivotalTokens | None, repo_id: str | None = None, folder: Path | None = None
 ) -> str:
     """Copy-paste inference code for diffusers, with the run's actual file names and token strings, from the Hub
     repo when the run was pushed, else from the output folder: the recipe of `load_for_diffusers` for this run's
-    files (`lora_file`, wherever the card is being written), as diffusers' own calls where they do exactly what
-    it does, else that loader itself."""
+    files (read from `folder`, default the output folder), as diffusers' own calls where they do exactly what it
+    does, else that loader itself."""
     from .formats.load import diffusers_reads_exactly
 
     prompt = tokens.substitute(args.instance_prompt) if tokens else args.instance_prompt
     clip_skip = f", clip_skip={args.clip_skip}" if args.clip_skip is not None else ""
-    exact = diffusers_reads_exactly(lora_file)
-    imports, body = (diffusers_loading_code if exact else our_loading_code)(args, tokens, repo_id)
+    exact = diffusers_reads_exactly(Path(folder or args.output_dir) / LORA_WEIGHTS_NAME)
+    loading = diffusers_loading_code(args, tokens, repo_id) if exact else our_loading_code(args, tokens, repo_id)
+    imports, body = loading
     lines = [
         "import torch",
         "from diffusers import StableDiffusionXLPipeline",
@@ -188,11 +191,11 @@ def gallery(output_dir: Path, images: list[Path], prompt: str) -> tuple[str, str
 
 
 def model_card(
-    folder: Path,
     args: argparse.Namespace,
     tokens: PivotalTokens | None,
     images: list[Path] = (),
     repo_id: str | None = None,
+    folder: Path | None = None,
 ) -> str:
     """The card of the run whose files are in `folder` (the output folder, or the final set being staged)."""
     name = output_name(args.output_dir)
@@ -232,7 +235,7 @@ Prompt: `{prompt}`
 ## Use it with diffusers
 
 ```python
-{diffusers_code(args, tokens, folder / LORA_WEIGHTS_NAME, repo_id)}
+{diffusers_code(args, tokens, repo_id, folder)}
 ```
 
 {ui_instructions(args, tokens)}
@@ -253,10 +256,11 @@ def write_model_card(
     images: list[Path] = (),
     repo_id: str | None = None,
 ) -> Path:
-    return save_text(model_card(output_dir, args, tokens, images, repo_id), output_dir / "README.md")
+    # The LoRA file is read where it is being written (the final set's staging folder).
+    return save_text(model_card(args, tokens, images, repo_id, output_dir), output_dir / "README.md")
 
 
-# Not uploaded: intermediate training state and tracker logs.
+# Not uploaded: intermediate training state, tracker logs, the monitor's metrics and control files (monitor.py).
 HUB_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "logs/**", "metrics.jsonl", "control/**", ".*", ".*/**"]
 
 

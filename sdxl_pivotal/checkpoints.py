@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .config import CONFIG_FILE
 from .errors import InputError, WriteError
 from .export import LORA_WEIGHTS_NAME, TEMPORARY_PATTERN, atomic_folder, embeddings_file_name, output_name
 
@@ -36,8 +37,8 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "training_state.json"
 PARAMS_FILE = "trainable_state.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
-# What a checkpoint holds besides its state (the user-facing files): safetensors only.
-CHECKPOINT_SUFFIXES = (".safetensors", ".json", ".yaml")  # weights, state, training_config.yaml
+# What a checkpoint holds besides its state (the user-facing files): safetensors only; and the run's flags.
+CHECKPOINT_SUFFIXES = (".safetensors", ".json")
 
 
 @dataclass
@@ -168,6 +169,28 @@ def save_checkpoint(
     return target
 
 
+def checkpoint_due(args, step: int, steps_per_epoch: int) -> bool:
+    """Whether optimizer step `step` (1-based) ends with a checkpoint: every --checkpointing_steps steps, and
+    with --save_every_n_epochs at the end of every N-th epoch."""
+    if step % args.checkpointing_steps == 0:
+        return True
+    every = args.save_every_n_epochs
+    return every is not None and step % steps_per_epoch == 0 and (step // steps_per_epoch) % every == 0
+
+
+def remove_expired_epoch_checkpoint(output_dir: Path, args, step: int, steps_per_epoch: int) -> None:
+    """--save_last_n_epochs K, at the save of epoch e (step `step`): the checkpoint of epoch e - K x
+    --save_every_n_epochs goes, as kohya removes it, so the last K epoch saves remain."""
+    epoch, rest = divmod(step, steps_per_epoch)
+    if args.save_last_n_epochs is None or rest or epoch % args.save_every_n_epochs:
+        return
+    expired_epoch = epoch - args.save_last_n_epochs * args.save_every_n_epochs
+    expired = output_dir / f"checkpoint-{expired_epoch * steps_per_epoch}"
+    if expired_epoch > 0 and expired.is_dir():
+        logger.info("Removing %s (--save_last_n_epochs %d)", expired, args.save_last_n_epochs)
+        shutil.rmtree(expired)
+
+
 def _write_checkpoint(
     target: Path, step: int, seed: int, models, optimizer, lr_scheduler, write_outputs, grad_scaler
 ) -> None:
@@ -220,7 +243,7 @@ def load_checkpoint(
 
 def remove_earlier_run(output_dir: Path) -> None:
     """--overwrite_output_dir: delete what an earlier run wrote in `output_dir` (its checkpoints, final LoRA,
-    embeddings, kohya file and validation images), so that nothing of it is resumed or mistaken for this run's.
+    embeddings, kohya file, validation and sample images), so that nothing of it is resumed or mistaken for this run's.
     Only files of ours are deleted; a checkpoint or validation folder holding anything else is refused, named.
     The model card (README.md) and tracker logs stay; the card is rewritten at the end."""
     from .formats.kohya import kohya_file_name  # formats/kohya.py imports this module
@@ -228,15 +251,17 @@ def remove_earlier_run(output_dir: Path) -> None:
     if not output_dir.is_dir():
         return
     folders = [p for p in output_dir.iterdir() if CHECKPOINT_PATTERN.match(p.name) and p.is_dir()]
-    validation = output_dir / "validation"
-    if validation.is_dir():
-        folders += [p for p in validation.iterdir() if p.is_dir() and re.fullmatch(r"step-\d+|final", p.name)]
+    image_folders = [output_dir / "validation", output_dir / "samples"]  # samples: --sample_prompts
+    for images in image_folders:
+        if images.is_dir():
+            folders += [p for p in images.iterdir() if p.is_dir() and re.fullmatch(r"step-\d+|final", p.name)]
     for folder in folders:
-        suffixes = (".png",) if folder.parent == validation else CHECKPOINT_SUFFIXES
+        suffixes = (".png",) if folder.parent in image_folders else CHECKPOINT_SUFFIXES
+        ours = {CONFIG_FILE} if suffixes is CHECKPOINT_SUFFIXES else set()
         foreign = [
             p.name
             for p in folder.iterdir()
-            if not (p.is_file() and p.suffix in suffixes) and not TEMPORARY_PATTERN.match(p.name)
+            if not (p.is_file() and (p.suffix in suffixes or p.name in ours)) and not TEMPORARY_PATTERN.match(p.name)
         ]
         if foreign:
             raise InputError(

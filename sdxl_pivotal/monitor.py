@@ -5,8 +5,8 @@
   finishes. The Space's progress bar and loss plot read it; so can any script.
 - Control files: another program (the Space) creates `control/stop`, `control/save` or `control/sample` in
   the output folder; at the end of the next optimizer step the trainer removes the file and stops after
-  saving a checkpoint, saves a checkpoint, or makes validation images. Resume a stopped run with
-  `--resume_from_checkpoint latest`.
+  saving a checkpoint, saves a checkpoint, or makes validation images (and the --sample_prompts images).
+  Resume a stopped run with `--resume_from_checkpoint latest`.
 """
 
 from __future__ import annotations

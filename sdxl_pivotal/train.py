@@ -18,7 +18,14 @@ from tqdm.auto import tqdm
 
 from .adapters import AdapterPlan, add_adapters, unet_parameters_by_lr_scale
 from .card import create_hub_repo, upload_to_hub, write_model_card
-from .checkpoints import load_checkpoint, remove_earlier_run, resolve_checkpoint, save_checkpoint
+from .checkpoints import (
+    checkpoint_due,
+    load_checkpoint,
+    remove_earlier_run,
+    remove_expired_epoch_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from .class_images import ensure_class_images, generation_dtype, list_images, load_generation_pipeline
 from .config import dataset_entries, save_run_config, warn_about_changed_flags
 from .data import (
@@ -60,6 +67,7 @@ from .optim import create_lr_scheduler, create_optimizer, parameter_groups, trai
 from .plan import log_estimate
 from .prompts import PromptEncoder
 from .rng import drawn_seed, step_seed
+from .sample_prompts import is_sample_step, make_samples, read_sample_prompts, with_tokens
 from .tokens import PivotalTokens, add_new_tokens, embeddings_state
 from .validation import final_validation, is_validation_step, validate_during_training
 
@@ -211,9 +219,9 @@ def prepare_folders(args: argparse.Namespace, accelerator: Accelerator) -> None:
     for flag, folder in folders.items():
         check_writable(folder, flag)
     if accelerator.is_main_process:
-        validation = output_dir / "validation"
-        subfolders = sorted(p for p in validation.iterdir() if p.is_dir()) if validation.is_dir() else []
-        ours = [output_dir, validation, *subfolders, *folders.values()]  # where this run writes
+        images = [output_dir / "validation", output_dir / "samples"]
+        subfolders = sorted(p for folder in images if folder.is_dir() for p in folder.iterdir() if p.is_dir())
+        ours = [output_dir, *images, *subfolders, *folders.values()]  # where this run writes
         if class_dir is not None:
             ours.append(class_dir)
         for folder in dict.fromkeys(ours):
@@ -364,6 +372,7 @@ def train(args: argparse.Namespace) -> Path:
     validation_prompt = args.validation_prompt
     if tokens is not None and validation_prompt:
         validation_prompt = tokens.substitute(validation_prompt)
+    samples = with_tokens(read_sample_prompts(args.sample_prompts), tokens) if args.sample_prompts else []
     plan = StepPlan(
         len(dataset),
         args.train_batch_size,
@@ -465,7 +474,8 @@ def train(args: argparse.Namespace) -> Path:
         lr = lr_scheduler.get_last_lr()[0]
         accelerator.log(monitor.step_done(done, step_loss, lr, epoch=step // plan.steps_per_epoch), step=done)
         requests = shared_requests(monitor, accelerator)  # control files: stop / save / sample now
-        if accelerator.is_main_process and (done % args.checkpointing_steps == 0 or requests.save or requests.stop):
+        due = checkpoint_due(args, done, plan.steps_per_epoch)
+        if accelerator.is_main_process and (due or requests.save or requests.stop):
             save_checkpoint(
                 output_dir,
                 done,
@@ -477,9 +487,13 @@ def train(args: argparse.Namespace) -> Path:
                 accelerator.scaler,
                 args.checkpoints_total_limit,
             )
+            remove_expired_epoch_checkpoint(output_dir, args, done, plan.steps_per_epoch)
         sample = requests.sample and bool(validation_prompt)
         if accelerator.is_main_process and (sample or is_validation_step(args, done, plan.steps_per_epoch)):
             validate_during_training(accelerator, parts, unwrapped, args, validation_prompt, seed, done)
+        sample_now = bool(samples) and (requests.sample or is_sample_step(args, done, plan.steps_per_epoch))
+        if accelerator.is_main_process and sample_now:  # --sample_prompts: kohya's sample images
+            make_samples(accelerator, parts, unwrapped, args, samples, seed, done)
         if requests.stop and done < total_steps:
             stopped = True
             break

@@ -75,8 +75,10 @@ def generate(pipeline, args: argparse.Namespace, prompt: str, seed: int, autocas
         ).images
 
 
-def validate_during_training(accelerator, parts, models: dict, args, prompt: str, seed: int, step: int) -> list:
-    """Generate with the modules being trained, then put them back in training mode."""
+@contextlib.contextmanager
+def live_pipeline(parts, models: dict):
+    """A pipeline around the modules being trained, in eval mode and on the training device for the duration;
+    then everything goes back (training mode; the VAE and text encoders to where they were)."""
     encoders = [models.get("text_encoder", parts.text_encoder), models.get("text_encoder_2", parts.text_encoder_2)]
     modules = [models["unet"], *encoders]
     for module in modules:
@@ -87,12 +89,18 @@ def validate_during_training(accelerator, parts, models: dict, args, prompt: str
     for module in visitors:
         module.to(next(models["unet"].parameters()).device)
     try:
-        images = generate(sdxl_pipeline(parts, models["unet"], encoders), args, prompt, seed, accelerator.autocast)
+        yield sdxl_pipeline(parts, models["unet"], encoders)
     finally:
         for module, home in zip(visitors, homes, strict=True):
             module.to(home)
         for module in models.values():
             module.train()
+
+
+def validate_during_training(accelerator, parts, models: dict, args, prompt: str, seed: int, step: int) -> list:
+    """Generate with the modules being trained, then put them back in training mode."""
+    with live_pipeline(parts, models) as pipeline:
+        images = generate(pipeline, args, prompt, seed, accelerator.autocast)
     publish(accelerator, images, Path(args.output_dir) / "validation" / f"step-{step}", prompt, step, "validation")
     return images
 
@@ -101,6 +109,13 @@ def publish(accelerator, images: list, folder: Path, prompt: str, step: int, tag
     """Save PNGs into `folder` and log the images to tensorboard and wandb."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = [save_image(image, folder / f"{i}.png") for i, image in enumerate(images)]
+    log_images(accelerator, images, prompt, step, tag)
+    logger.info("Validation images (%s) saved to %s", prompt, folder)
+    return paths
+
+
+def log_images(accelerator, images: list, prompt: str, step: int, tag: str) -> None:
+    """Log images of one size to tensorboard and wandb under `tag`."""
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_images(tag, np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")
@@ -108,8 +123,6 @@ def publish(accelerator, images: list, folder: Path, prompt: str, step: int, tag
             import wandb
 
             tracker.log({tag: [wandb.Image(im, caption=f"{i}: {prompt}") for i, im in enumerate(images)]}, step=step)
-    logger.info("Validation images (%s) saved to %s", prompt, folder)
-    return paths
 
 
 def load_final_pipeline(args: argparse.Namespace, output_dir: Path, device, dtype: torch.dtype):

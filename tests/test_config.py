@@ -14,7 +14,9 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import save_file
 
 from sdxl_pivotal.args import build_parser, parse_args
 from sdxl_pivotal.config import changed_flags, config_text, save_run_config
@@ -85,7 +87,7 @@ SPECIAL = {
     "lora_unet_blocks": "unet.up_blocks.0.attentions.0, unet.mid_block.attentions.0",
     "unet_block_ranks": "down=2,up_blocks.0=16",
     "unet_block_conv_ranks": "mid=1",
-    "unet_block_lr": "up=0.5",
+    "unet_block_lr": "down=sine+0.5,mid=0.5",  # a kohya preset too
     "lr_step_rules": "1:10,0.1",
     "optimizer": "Prodigy",
     "resume_from_checkpoint": "latest",
@@ -113,7 +115,11 @@ SECOND_COMMAND_LINE = {
     "lokr_factor",
     "decompose_both",
     "lora_target_regex",  # vs --lora_target
+    "overwrite_output_dir",  # vs --resume_from_checkpoint
+    "sample_every_n_epochs",  # vs --sample_every_n_steps (with a --sample_prompts file of its own)
 }
+# Flags that need another one on their command line: that one's flag, then the dest whose value it takes.
+COMPANIONS = {"sample_every_n_epochs": ("--sample_prompts", "sample_prompts")}
 # --datasets replaces both image sources: a command line of its own.
 THIRD_COMMAND_LINE = {"datasets"}
 # How every flag's source is named: these two are what the round trip exercises.
@@ -127,6 +133,14 @@ def flag_text(action: argparse.Action, tmp_path: Path, image_dir: Path) -> str:
         return SPECIAL[dest]
     if dest in ("instance_data_dir", "dataset_name"):
         return str(image_dir)
+    if dest == "sample_prompts":
+        path = tmp_path / "prompts.txt"
+        path.write_text("a photo of TOK toy --w 64 --h 64 --d 3\n")
+        return str(path)
+    if dest == "network_weights":  # an existing LoRA file (its keys are all that parsing reads)
+        path = tmp_path / "start.safetensors"
+        save_file({"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": torch.zeros(1, 1)}, path)
+        return str(path)
     if dest == "datasets":
         entries = [
             {"image_dir": str(image_dir), "repeats": 3, "instance_prompt": "a TOK toy", "resolution": 32},
@@ -146,6 +160,10 @@ def flag_text(action: argparse.Action, tmp_path: Path, image_dir: Path) -> str:
     return f"x-{dest}"
 
 
+def parser_action(dest: str) -> argparse.Action:
+    return next(a for a in build_parser()._actions if a.dest == dest)
+
+
 def every_flag_command_lines(tmp_path: Path, image_dir: Path) -> list[list[str]]:
     actions = [a for a in build_parser()._actions if a.option_strings and a.dest != "help"]
     base = ["--pretrained_model_name_or_path", "m", "--instance_prompt", "p"]
@@ -159,6 +177,9 @@ def every_flag_command_lines(tmp_path: Path, image_dir: Path) -> list[list[str]]
         elif action.dest in THIRD_COMMAND_LINE:
             target = third
         target += [action.option_strings[0], flag_text(action, tmp_path, image_dir)]
+        if action.dest in COMPANIONS:
+            flag, dest = COMPANIONS[action.dest]
+            target += [flag, flag_text(parser_action(dest), tmp_path, image_dir)]
     return [first, second, third]
 
 

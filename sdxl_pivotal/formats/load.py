@@ -26,7 +26,7 @@ from ..export import LORA_WEIGHTS_NAME
 from ..tokens import EMBEDDING_KEYS, PivotalTokens
 from .diffusers_lora import TEXT_ENCODER_PARTS, config_metadata, diffusers_lora_metadata, diffusers_to_peft
 from .families import PeftLora
-from .kohya import TOKENS_METADATA_KEY, kohya_to_peft, split_bundled_embeddings
+from .kohya import BUNDLE_PREFIX, TOKENS_METADATA_KEY, kohya_to_peft, split_bundled_embeddings
 from .names import KOHYA_PREFIXES
 
 TEXT_ENCODERS = {"clip_l": ("text_encoder", "tokenizer"), "clip_g": ("text_encoder_2", "tokenizer_2")}
@@ -46,15 +46,11 @@ def load_for_diffusers(pipe, folder_or_file: str | Path, adapter_name: str | Non
             tokens += load_for_diffusers(pipe, file, adapter_name)
         return tokens
     state, metadata = read_safetensors(path)
-    file_format = lora_file_format(state)
-    if file_format == "embeddings":
+    if lora_file_format(state) == "embeddings":
         return load_embeddings(pipe, state, token_strings(metadata, len(state["clip_l"])))
-    lora, bundles = split_bundled_embeddings(state)
-    if file_format == "kohya":
-        loras = kohya_to_peft(lora, {part: getattr(pipe, part) for part in KOHYA_PREFIXES}, metadata)
-    else:
-        loras = diffusers_to_peft(lora, metadata, {part: getattr(pipe, part) for part in KOHYA_PREFIXES})
+    loras = peft_loras(state, metadata, {part: getattr(pipe, part) for part in KOHYA_PREFIXES})
     load_adapters(pipe, loras, adapter_name)
+    _, bundles = split_bundled_embeddings(state)
     tokens = []
     for embeddings in bundles.values():
         tokens += load_embeddings(pipe, embeddings, token_strings(metadata, len(embeddings["clip_l"])))
@@ -68,6 +64,35 @@ def lora_file_format(state: Mapping[str, torch.Tensor]) -> str:
         return "embeddings"
     lora, _ = split_bundled_embeddings(state)
     return "kohya" if all(key.startswith(tuple(KOHYA_PREFIXES.values())) for key in lora) else "diffusers"
+
+
+def peft_loras(
+    state: Mapping[str, torch.Tensor], metadata: Mapping[str, str], models: Mapping[str, torch.nn.Module]
+) -> dict[str, PeftLora]:
+    """A LoRA file's adapters (diffusers or kohya keys; bundled embeddings left out) as PEFT adapters of `models`
+    ({part: model}), by part."""
+    lora, _ = split_bundled_embeddings(state)
+    if lora_file_format(state) == "kohya":
+        return kohya_to_peft(lora, models, metadata)
+    return diffusers_to_peft(lora, metadata, models)
+
+
+def lora_file_parts(path: Path) -> set[str]:
+    """The pipeline parts ("unet", "text_encoder", "text_encoder_2") a LoRA file adapts, from its keys alone (no
+    tensor is read). ValueError for a file that holds no LoRA (an embeddings file, or other keys)."""
+    with safe_open(str(path), framework="pt") as file:
+        keys = [key for key in file.keys() if not key.startswith(f"{BUNDLE_PREFIX}.")]  # noqa: SIM118 (not iterable)
+    by_prefix = {prefix: part for part, prefix in KOHYA_PREFIXES.items()}
+    parts = set()
+    for key in keys:
+        first = key.split(".", 1)[0]
+        part = next((p for prefix, p in by_prefix.items() if first.startswith(prefix + "_")), first)
+        if part not in KOHYA_PREFIXES:
+            raise ValueError(f"{path} holds no LoRA of an SDXL pipeline (its key {key!r} is not one).")
+        parts.add(part)
+    if not parts:
+        raise ValueError(f"{path} holds no LoRA tensors.")
+    return parts
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

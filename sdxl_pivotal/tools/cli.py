@@ -6,14 +6,22 @@ import argparse
 import sys
 
 from ..errors import InputError
-from . import convert, extract, inspect, merge, resize
+from . import convert, extract, inspect, merge, resize, svd_merge
 
-SUBCOMMANDS = {"convert": convert, "merge": merge, "resize": resize, "extract": extract, "inspect": inspect}
+SUBCOMMANDS = {
+    "convert": convert,
+    "merge": merge,
+    "resize": resize,
+    "svd-merge": svd_merge,
+    "extract": extract,
+    "inspect": inspect,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m sdxl_pivotal.tools", description="Convert, merge, resize, extract and inspect SDXL LoRA files."
+        prog="python -m sdxl_pivotal.tools",
+        description="Convert, merge, resize, SVD-merge, extract and inspect SDXL LoRA files.",
     )
     subparsers = parser.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
     for name, module in SUBCOMMANDS.items():
