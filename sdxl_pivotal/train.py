@@ -211,7 +211,8 @@ def prepare_folders(args: argparse.Namespace, accelerator: Accelerator) -> None:
     folders = {"--output_dir": output_dir}
     if args.report_to != "none":
         folders["--logging_dir"] = output_dir / args.logging_dir
-    class_dir = Path(args.class_data_dir) if args.with_prior_preservation else None
+    # Prior preservation from a --datasets class entry reads that folder; --class_data_dir is where images go.
+    class_dir = Path(args.class_data_dir) if args.with_prior_preservation and args.class_data_dir else None
     if class_dir is not None and (not class_dir.is_dir() or len(list_images(class_dir)) < args.num_class_images):
         folders["--class_data_dir"] = class_dir  # a folder that holds enough class images is only read
     if args.cache_latents and args.latents_cache_dir:

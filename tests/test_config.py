@@ -183,6 +183,18 @@ def every_flag_command_lines(tmp_path: Path, image_dir: Path) -> list[list[str]]
     return [first, second, third]
 
 
+@pytest.fixture
+def gpu_packages(monkeypatch):
+    """bitsandbytes and xformers seem installed, as on the GPU machines these flags are for: the parser checks
+    that optional packages exist (this CPU machine has no CUDA build of them)."""
+    find_spec = importlib.util.find_spec
+    present = ("bitsandbytes", "xformers")
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name in present else find_spec(name, *a)
+    )
+
+
+@pytest.mark.usefixtures("gpu_packages")
 def test_round_trip_over_every_flag(tmp_path, image_dir, capsys):
     """command line -> --print_config -> --config: the same parsed arguments, for every flag of the parser."""
     parser = build_parser()
@@ -391,12 +403,8 @@ def test_one_example_per_preset_and_gpu_size():
 
 
 @pytest.mark.parametrize("path", PRESET_FILES, ids=[p.stem for p in PRESET_FILES])
-def test_example_config_is_accepted_by_the_parser(path, tmp_path, image_dir, monkeypatch):
-    # The files are for GPU machines, which have bitsandbytes; this one has no CUDA build of it.
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: object() if name == "bitsandbytes" else find_spec(name, *a)
-    )
+@pytest.mark.usefixtures("gpu_packages")
+def test_example_config_is_accepted_by_the_parser(path, tmp_path, image_dir):
     args = parse_quietly(["--config", str(path), "--instance_data_dir", str(image_dir), "--output_dir", str(tmp_path)])
     assert args.pretrained_model_name_or_path == "stabilityai/stable-diffusion-xl-base-1.0"
     assert args.train_text_encoder_ti and "TOK" in args.instance_prompt and "TOK" in args.validation_prompt
