@@ -14,10 +14,10 @@ import torch
 from lycoris_reference import comfyui_weight, module_delta
 from peft import inject_adapter_in_model, set_peft_model_state_dict
 from peft_layers import adapter_layers
+from run_helpers import lora_file, train_until_first_checkpoint
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from sdxl_pivotal import train as train_module
 from sdxl_pivotal.adapters import add_adapters, unet_adapter_plan, unet_parameters_by_lr_scale
 from sdxl_pivotal.args import parse_args
 from sdxl_pivotal.checkpoints import complete_checkpoints
@@ -149,14 +149,6 @@ def test_files_load_back_into_peft(family, file_format, tiny_model, demo_images,
             torch.testing.assert_close(actual[module_path], weight, rtol=1e-6, atol=1e-7, msg=module_path)
 
 
-def lora_file(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(folder / "pytorch_lora_weights.safetensors")
-
-
-class Interrupted(Exception):
-    """Stands for a crash."""
-
-
 TRAINED = {
     "lora_conv": ("--conv_rank", "4", "--unet_block_ranks", "down=2", "--unet_block_lr", "mid=0.5,up=2"),
     "dora_conv": ("--use_dora", "--conv_rank", "4"),
@@ -185,15 +177,7 @@ def test_each_adapter_trains_lowers_the_loss_and_resumes_exactly(
     # Stop right after checkpoint-3 of a 6-step run; resume: the same weights as the run without the stop.
     short = (*flags, "--max_train_steps", "6")
     uninterrupted = run_training(tmp_path / "six", *short)
-    real_save = train_module.save_checkpoint
-
-    def save_then_crash(*args, **kwargs):
-        raise Interrupted(real_save(*args, **kwargs))
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
-    with pytest.raises(Interrupted):
-        run_training(tmp_path / "resumed", *short)
-    monkeypatch.undo()
+    train_until_first_checkpoint(run_training, monkeypatch, tmp_path / "resumed", *short)
     assert [p.name for p in complete_checkpoints(tmp_path / "resumed")] == ["checkpoint-3"]
     run_training(tmp_path / "resumed", *short, "--resume_from_checkpoint", "latest")
     resumed, expected = lora_file(tmp_path / "resumed"), lora_file(uninterrupted)

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
+from run_helpers import assert_same_tensors, lora_file, train_until_first_checkpoint
 from safetensors.torch import load_file
 
 from sdxl_pivotal import train as train_module
@@ -15,20 +15,6 @@ from sdxl_pivotal.args import parse_args
 from sdxl_pivotal.checkpoints import PARAMS_FILE, complete_checkpoints
 from sdxl_pivotal.config import CONFIG_FILE
 from sdxl_pivotal.errors import InputError
-
-
-class Interrupted(Exception):
-    """Stands for a crash or a killed job."""
-
-
-def lora_file(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(folder / "pytorch_lora_weights.safetensors")
-
-
-def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 def train_from(argv: list[str]) -> Path:
@@ -54,16 +40,7 @@ FLAGS = [
 def test_resume_with_the_written_config_is_exact(run_training, tmp_path, monkeypatch, caplog):
     uninterrupted = run_training(tmp_path / "full", *FLAGS)
 
-    real_save = train_module.save_checkpoint
-
-    def save_then_crash(*args, **kwargs):
-        path = real_save(*args, **kwargs)
-        raise Interrupted(path)
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
-    with pytest.raises(Interrupted):
-        run_training(tmp_path / "resumed", *FLAGS)
-    monkeypatch.undo()
+    train_until_first_checkpoint(run_training, monkeypatch, tmp_path / "resumed", *FLAGS)
     resumed = tmp_path / "resumed"
     assert [p.name for p in complete_checkpoints(resumed)] == ["checkpoint-2"]
     config = resumed / CONFIG_FILE

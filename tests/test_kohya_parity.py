@@ -143,6 +143,19 @@ def test_training_with_presets_uses_their_learning_rates_and_resumes_exactly(run
     assert resumed.keys() == finished.keys() and all(torch.equal(resumed[k], finished[k]) for k in finished)
 
 
+def request_at_step(monkeypatch, output_dir: Path, step: int, what: str) -> None:
+    """Touch the run's control file `what` once optimizer step `step` is done, as the Space's buttons do."""
+    original = TrainingMonitor.step_done
+
+    def step_done(self, done, *args, **kwargs):
+        values = original(self, done, *args, **kwargs)
+        if done == step:
+            request(output_dir, what)
+        return values
+
+    monkeypatch.setattr(TrainingMonitor, "step_done", step_done)
+
+
 def checkpoint_names(folder: Path) -> list[str]:
     return [p.name for p in complete_checkpoints(folder)]
 
@@ -154,15 +167,7 @@ def test_epoch_saves_keep_the_last_n_and_resume_exactly(run_training, tmp_path, 
     assert checkpoint_names(every) == ["checkpoint-6", "checkpoint-12", "checkpoint-18"]
 
     out = tmp_path / "last"
-    original = TrainingMonitor.step_done
-
-    def save_now_at_step_4(self, step, *args, **kwargs):  # "save now", as the Space asks it
-        values = original(self, step, *args, **kwargs)
-        if step == 4:
-            request(out, "save")
-        return values
-
-    monkeypatch.setattr(TrainingMonitor, "step_done", save_now_at_step_4)
+    request_at_step(monkeypatch, out, 4, "save")  # "save now", as the Space asks it
     run_training(out, *flags, "--save_last_n_epochs", "2")
     monkeypatch.undo()
     # Epoch 6's save removes epoch 2's (kohya's rule: e - N x K); the save on request stays.
@@ -431,15 +436,7 @@ def test_sample_images_per_step_with_their_options_and_on_request(run_training, 
         "a photo of TOK toy --s 2\n"
     )
     out = tmp_path / "run"
-    original = TrainingMonitor.step_done
-
-    def sample_now_at_step_1(self, step, *args, **kwargs):  # "sample now", as the Space asks it
-        values = original(self, step, *args, **kwargs)
-        if step == 1:
-            request(out, "sample")
-        return values
-
-    monkeypatch.setattr(TrainingMonitor, "step_done", sample_now_at_step_1)
+    request_at_step(monkeypatch, out, 1, "sample")  # "sample now", as the Space asks it
     flags = ("--max_train_steps", "4", "--checkpointing_steps", "100", "--train_text_encoder_ti")
     run_training(
         out, *flags, "--sample_prompts", str(prompts), "--sample_every_n_steps", "2", "--report_to", "tensorboard"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import Interrupted, assert_same_tensors, lora_file, train_until_first_checkpoint
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -24,20 +25,6 @@ from sdxl_pivotal.export import LORA_WEIGHTS_NAME
 from sdxl_pivotal.models import SDXLParts, load_sdxl
 from sdxl_pivotal.prompts import PromptEncoder
 from sdxl_pivotal.train import batch_loss
-
-
-class Interrupted(Exception):
-    """Stands for a crash or a killed job."""
-
-
-def lora_file(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(folder / "pytorch_lora_weights.safetensors")
-
-
-def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 def pipeline_parts(model: Path):
@@ -108,16 +95,7 @@ def test_resume_after_interruption_is_exact(run_training, tmp_path, monkeypatch,
     ]
     uninterrupted = run_training(tmp_path / "full", *flags)
 
-    real_save = train_module.save_checkpoint
-
-    def save_then_crash(*args, **kwargs):
-        path = real_save(*args, **kwargs)
-        raise Interrupted(path)
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
-    with pytest.raises(Interrupted):
-        run_training(tmp_path / "resumed", *flags)
-    monkeypatch.undo()
+    train_until_first_checkpoint(run_training, monkeypatch, tmp_path / "resumed", *flags)
     assert [p.name for p in complete_checkpoints(tmp_path / "resumed")] == ["checkpoint-3"]
     assert_same_tensors(
         lora_file(tmp_path / "resumed" / "checkpoint-3"), lora_file(tmp_path / "full" / "checkpoint-3")
