@@ -154,6 +154,48 @@ def evaluate(
     return {"base": score(base, base, reference), "trained": score(trained, base, reference)}
 
 
+# The demo's training recipe (examples/demo.sh) as flags of the training script; configurations add to it.
+SUBJECT_TRAINING_FLAGS = (
+    "--instance_prompt", "a photo of TOK circle", "--caption_column", "text",
+    "--resolution", "64", "--train_batch_size", "2", "--repeats", "4", "--rank", "8",
+    "--learning_rate", "1e-3", "--lr_scheduler", "constant", "--lr_warmup_steps", "10",
+    "--report_to", "none",
+)  # fmt: skip
+MIN_SNR_FLAGS = ("--snr_gamma", "5")
+PIVOTAL_FLAGS = ("--train_text_encoder_ti", "--text_encoder_lr", "1e-3")
+
+
+def prior_flags(class_dir: str | Path, count: int = 12) -> tuple[str, ...]:
+    return (
+        "--with_prior_preservation", "--class_prompt", CLASS_PROMPTS[0], "--class_data_dir", str(class_dir),
+        "--num_class_images", str(count), "--sample_batch_size", "6",
+    )  # fmt: skip
+
+
+def train_subject(
+    base_model: str | Path, instance_dir: str | Path, output_dir: str | Path, steps: int, seed: int, *flags: str
+) -> Path:
+    """Train on the subject in this process with the real trainer: `SUBJECT_TRAINING_FLAGS` plus `flags` (the
+    demo adds `MIN_SNR_FLAGS`, `PIVOTAL_FLAGS` and `prior_flags`)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from .args import parse_args
+    from .train import train
+
+    argv = [
+        "--pretrained_model_name_or_path", str(base_model), "--dataset_name", str(instance_dir),
+        "--output_dir", str(output_dir), "--max_train_steps", str(steps), "--checkpointing_steps", str(steps + 1),
+        "--seed", str(seed), *SUBJECT_TRAINING_FLAGS, *flags,
+    ]  # fmt: skip
+    try:
+        train(parse_args(argv))
+    finally:
+        # accelerate keeps process-wide singletons; reset them so runs are independent.
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    return Path(output_dir)
+
+
 def image_grid(rows: list[list[Image.Image]], labels: list[str], scale: int = 2) -> Image.Image:
     """Rows of equal-size images, each row with a text label on its left."""
     width, height = rows[0][0].size[0] * scale, rows[0][0].size[1] * scale
