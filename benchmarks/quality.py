@@ -7,7 +7,9 @@ tiny SDXL with the real trainer (`quality.train_subject`: the demo's recipe plus
 loads the result with `load_for_diffusers`, and scores images from fixed sampling seeds with
 `sdxl_pivotal.quality` (subject fidelity, prompt fidelity, class drift, class subject fidelity, diversity).
 The base model's row uses the same prompts and seeds. Cells are mean ± standard deviation over the training
-seeds. Prints a Markdown table (and writes it to `--output` if given).
+seeds. Prints a Markdown table (and writes it to `--output` if given). With `--dino DIR_OR_ID --clip DIR_OR_ID`
+(e.g. facebook/dino-vits16, openai/clip-vit-base-patch32) the DreamBooth paper's DINO, CLIP-I, CLIP-T, PRES
+and DIV (`sdxl_pivotal.paper_metrics`) are added.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from sdxl_pivotal.paper_metrics import load_feature_models, paper_metrics
 from sdxl_pivotal.quality import (
     MIN_SNR_FLAGS,
     PIVOTAL_FLAGS,
@@ -51,6 +54,7 @@ def configurations(class_dir: Path) -> dict[str, tuple[str, ...]]:
 
 
 METRICS = ("subject_fidelity", "prompt_fidelity", "class_drift", "class_subject_fidelity", "diversity")
+PAPER_METRICS = ("dino", "clip_i", "clip_t", "pres", "div")
 
 
 def cell(values: list[float]) -> str:
@@ -67,7 +71,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--work_dir", default=None, help="keep runs here (default: a temporary folder)")
     parser.add_argument("--output", default=None, help="also write the table to this file")
+    parser.add_argument("--dino", default=None, help="also the paper's metrics: DINO model id or folder")
+    parser.add_argument("--clip", default=None, help="CLIP model id or folder (with --dino)")
     options = parser.parse_args()
+    if bool(options.dino) != bool(options.clip):
+        parser.error("--dino and --clip go together (the paper's metrics need both models).")
 
     work = Path(options.work_dir or tempfile.mkdtemp(prefix="quality-"))
     model = save_tiny_sdxl(work / "tiny-sdxl", pretrained=True)
@@ -80,20 +88,32 @@ def main() -> None:
     sample_seeds = list(range(options.sample_seeds))
     base_pipe, _ = load_pipeline(model)
     base = sample(base_pipe, "TOK", sample_seeds)
-    rows = {"base model": {m: [v] for m, v in score(base, base, reference).as_dict().items()}}
+    features = load_feature_models(options.dino, options.clip) if options.dino else None
+    metrics = (*METRICS, *PAPER_METRICS) if features else METRICS
+
+    def evaluate(samples) -> dict[str, float]:
+        values = score(samples, base, reference).as_dict()
+        if features:
+            # Prompts with the class noun in place of the identifier, as the paper scores CLIP-T.
+            with_class = {p.replace("TOK ", ""): images for p, images in samples.subject.items()}
+            class_images = [image for images in samples.classes.values() for image in images]
+            values |= paper_metrics(features, read_instance_images(images), with_class, class_images)
+        return values
+
+    rows = {"base model": {m: [v] for m, v in evaluate(base).items()}}
     for name in options.configs:
-        results: dict[str, list[float]] = {m: [] for m in METRICS}
+        results: dict[str, list[float]] = {m: [] for m in metrics}
         for seed in options.seeds:
             run = work / f"{name.replace(' ', '_')}-seed{seed}"
             train_subject(model, images, run, options.steps, seed, "--overwrite_output_dir", *all_configs[name])
             pipe, tok = load_pipeline(model, run)
-            for metric, value in score(sample(pipe, tok, sample_seeds), base, reference).as_dict().items():
+            for metric, value in evaluate(sample(pipe, tok, sample_seeds)).items():
                 results[metric].append(value)
             print(name, seed, {m: round(v[-1], 3) for m, v in results.items()}, flush=True)
         rows[name] = results
-    header = "| configuration | " + " | ".join(METRICS) + " |"
-    lines = [header, "|" + "---|" * (len(METRICS) + 1)]
-    lines += [f"| {name} | " + " | ".join(cell(r[m]) for m in METRICS) + " |" for name, r in rows.items()]
+    header = "| configuration | " + " | ".join(metrics) + " |"
+    lines = [header, "|" + "---|" * (len(metrics) + 1)]
+    lines += [f"| {name} | " + " | ".join(cell(r[m]) for m in metrics) + " |" for name, r in rows.items()]
     table = "\n".join(lines)
     print(table)
     if options.output:

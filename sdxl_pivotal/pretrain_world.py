@@ -42,10 +42,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--export_dir", default=None, help="write the final fp16 weights here")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--vae_steps", type=int, default=800)
+    parser.add_argument("--vae_steps", type=int, default=600)
     parser.add_argument("--vae_batch_size", type=int, default=16)
     parser.add_argument("--vae_crop", type=int, default=32, help="VAE training crop size (pixels)")
-    parser.add_argument("--vae_lr", type=float, default=2e-3)
+    parser.add_argument("--vae_lr", type=float, default=1e-3)
     parser.add_argument("--kl_weight", type=float, default=1e-5)
     parser.add_argument("--unet_steps", type=int, default=12000)
     parser.add_argument("--unet_batch_size", type=int, default=32)
@@ -109,6 +109,10 @@ def images_to_tensor(images) -> torch.Tensor:
 
 
 def train_vae(vae, args, work_dir: Path) -> None:
+    # Start as a plain autoencoder: the posterior's log-variance (the second half of `quant_conv`'s outputs) at
+    # -10, i.e. std 0.007. From log-variance 0 the latent noise (std 1) hides the image for hundreds of steps.
+    with torch.no_grad():
+        vae.quant_conv.bias[vae.config.latent_channels :] = -10.0
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr)
     start = 0
     checkpoint = latest_checkpoint(work_dir, "vae")
