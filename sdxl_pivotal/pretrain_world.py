@@ -176,11 +176,12 @@ def encode_captions(pipe, captions: list[str]) -> dict[str, tuple[torch.Tensor, 
 
 
 def train_unet(pipe, args, work_dir: Path) -> None:
+    from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
 
-    unet, vae, scheduler = pipe.unet, pipe.vae, pipe.scheduler
-    means, stds, captions = encode_scenes(vae, args)
-    texts = encode_captions(pipe, all_captions())
+    # Training noise is DDPM's (x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise), on the pipeline's own betas, as
+    # the trainer (`models.load_noise_scheduler`) does; the pipeline's Euler sampler scales its inputs to match.
+    unet, vae, scheduler = pipe.unet, pipe.vae, DDPMScheduler.from_config(pipe.scheduler.config)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.unet_lr, weight_decay=1e-2)
     ema = EMAModel(unet.parameters(), decay=args.ema_decay, use_ema_warmup=True)
     start = 0
@@ -193,6 +194,9 @@ def train_unet(pipe, args, work_dir: Path) -> None:
         shadow = prefixed(tensors, "ema.")
         ema.load_state_dict({**info["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
         start = info["step"]
+    if start < args.unet_steps:  # (a finished run only exports)
+        means, stds, captions = encode_scenes(vae, args)
+        texts = encode_captions(pipe, all_captions())
     size = args.resolution
     time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32).repeat(args.unet_batch_size, 1)
     unet.train()
