@@ -26,6 +26,8 @@ from sdxl_pivotal.paper_metrics import load_feature_models, paper_metrics
 from sdxl_pivotal.quality import (
     MIN_SNR_FLAGS,
     PIVOTAL_FLAGS,
+    WORLD_PROMPTS,
+    image_grid,
     load_pipeline,
     prior_flags,
     read_instance_images,
@@ -33,6 +35,7 @@ from sdxl_pivotal.quality import (
     score,
     subject_histogram,
     train_subject,
+    world_accuracy,
 )
 from sdxl_pivotal.tiny import save_tiny_sdxl
 from sdxl_pivotal.world import write_subject_images
@@ -65,12 +68,13 @@ def cell(values: list[float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", default=["lora", "pivotal", "pivotal+prior (demo)", "te-lora"])
+    parser.add_argument("--configs", nargs="*", default=["lora", "pivotal", "pivotal+prior (demo)", "te-lora"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="training seeds")
     parser.add_argument("--sample_seeds", type=int, default=4, help="sampling seeds per prompt (0..N-1)")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--work_dir", default=None, help="keep runs here (default: a temporary folder)")
     parser.add_argument("--output", default=None, help="also write the table to this file")
+    parser.add_argument("--base_grid", default=None, help="write the base model's world samples here (PNG)")
     parser.add_argument("--dino", default=None, help="also the paper's metrics: DINO model id or folder")
     parser.add_argument("--clip", default=None, help="CLIP model id or folder (with --dino)")
     options = parser.parse_args()
@@ -87,6 +91,13 @@ def main() -> None:
     reference = subject_histogram(read_instance_images(images))
     sample_seeds = list(range(options.sample_seeds))
     base_pipe, _ = load_pipeline(model)
+    accuracy, world_rows = world_accuracy(base_pipe, sample_seeds)
+    print(
+        f"base model draws the prompt's background {accuracy['background']:.0%} and shape colour "
+        f"{accuracy['shape_color']:.0%} of the time ({len(WORLD_PROMPTS)} prompts x {len(sample_seeds)} seeds)"
+    )
+    if options.base_grid:
+        image_grid(world_rows, [p.removeprefix("a photo of ") for p in WORLD_PROMPTS]).save(options.base_grid)
     base = sample(base_pipe, "TOK", sample_seeds)
     features = load_feature_models(options.dino, options.clip) if options.dino else None
     metrics = (*METRICS, *PAPER_METRICS) if features else METRICS

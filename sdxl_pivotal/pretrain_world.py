@@ -244,7 +244,7 @@ def log(work_dir: Path, row: dict) -> None:
 # --- export --------------------------------------------------------------------------------------------
 
 
-def export(pipe, args, export_dir: Path, seconds: float) -> None:
+def export(pipe, args, export_dir: Path) -> None:
     """fp16 safetensors of each component, the tokenizer files and `recipe.json` into `export_dir`."""
     export_dir.mkdir(parents=True, exist_ok=True)
     for name in COMPONENTS:
@@ -257,7 +257,6 @@ def export(pipe, args, export_dir: Path, seconds: float) -> None:
         "preset": "tiny",
         "resolution": args.resolution,
         "vae_scaling_factor": pipe.vae.config.scaling_factor,
-        "train_seconds_one_cpu_thread": round(seconds),
     }
     (export_dir / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
 
@@ -277,10 +276,9 @@ def main(argv: list[str] | None = None) -> None:
     pipe.vae.register_to_config(scaling_factor=float(1 / means.std()))
     print(f"vae scaling_factor {pipe.vae.config.scaling_factor:.4f}")
     train_unet(pipe, args, work_dir)
-    seconds = time.time() - started + sum(json.loads(p.read_text()) for p in work_dir.glob("seconds-*.json"))
-    (work_dir / f"seconds-{int(started)}.json").write_text(json.dumps(time.time() - started))
+    print(f"this session: {time.time() - started:.0f} s")
     if args.export_dir:
-        export(pipe, args, Path(args.export_dir), seconds)
+        export(pipe, args, Path(args.export_dir))
         print(f"exported to {args.export_dir}")
 
 

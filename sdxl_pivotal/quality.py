@@ -154,6 +154,30 @@ def evaluate(
     return {"base": score(base, base, reference), "trained": score(trained, base, reference)}
 
 
+# Prompts for the base model's own check: does it draw what the world's captions ask?
+WORLD_PROMPTS = (
+    "a photo of a red circle on a blue background",
+    "a photo of a yellow star on a black background",
+    "a photo of a white square on a green background",
+    "a photo of a blue triangle on a yellow background",
+    "a photo of a green circle on a white background",
+    "a photo of a black square on a red background",
+)
+
+
+def world_accuracy(pipe, seeds: list[int], prompts=WORLD_PROMPTS) -> tuple[dict[str, float], list[list[Image.Image]]]:
+    """Share of samples whose detected background / shape colour is the prompt's, and the samples (per prompt)."""
+    rows, background, color = [], [], []
+    for prompt in prompts:
+        words = prompt.split()  # "a photo of a <colour> <shape> on a <background> background"
+        images = generate(pipe, prompt, seeds)
+        rows.append(images)
+        readings = [read_image(image) for image in images]
+        background += [r.background == words[7] for r in readings]
+        color += [r.color == words[4] for r in readings]
+    return {"background": float(np.mean(background)), "shape_color": float(np.mean(color))}, rows
+
+
 # The demo's training recipe (examples/demo.sh) as flags of the training script; configurations add to it.
 SUBJECT_TRAINING_FLAGS = (
     "--instance_prompt", "a photo of TOK circle", "--caption_column", "text",
@@ -199,7 +223,8 @@ def train_subject(
 def image_grid(rows: list[list[Image.Image]], labels: list[str], scale: int = 2) -> Image.Image:
     """Rows of equal-size images, each row with a text label on its left."""
     width, height = rows[0][0].size[0] * scale, rows[0][0].size[1] * scale
-    label_width = 8 + 6 * max(len(label) for label in labels)
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_width = 8 + max(int(draw.textlength(label)) for label in labels)
     grid = Image.new("RGB", (label_width + width * max(len(r) for r in rows), height * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
     for r, (row, label) in enumerate(zip(rows, labels, strict=True)):
