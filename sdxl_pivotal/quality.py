@@ -173,7 +173,7 @@ def world_accuracy(pipe, seeds: list[int], prompts=WORLD_PROMPTS) -> tuple[dict[
         images = generate(pipe, prompt, seeds)
         rows.append(images)
         readings = [read_image(image) for image in images]
-        background += [r.background == words[7] for r in readings]
+        background += [r.background == words[8] for r in readings]
         color += [r.color == words[4] for r in readings]
     return {"background": float(np.mean(background)), "shape_color": float(np.mean(color))}, rows
 
