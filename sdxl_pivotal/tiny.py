@@ -1,4 +1,4 @@
-"""An embedded SDXL-architecture pipeline with random weights, and a demo image set.
+"""An embedded SDXL-architecture pipeline (random or world-trained weights), and a demo image set.
 
 Nothing can be downloaded here, so tests, the demo and the benchmarks build their own SDXL: the same
 components and topology as `stabilityai/stable-diffusion-xl-base-1.0` (three UNet levels, cross-attention
@@ -6,6 +6,11 @@ in the lower two, `text_time` micro-conditioning, CLIP-L + CLIP-G/bigG text enco
 Euler scheduler), only narrower. The CLIP tokenizers' vocab and merges are written by code.
 
     python -m sdxl_pivotal.tiny --output_dir tiny-sdxl [--preset tiny|small] [--demo_images demo-images]
+    python -m sdxl_pivotal.tiny --pretrained --output_dir tiny-world [--subject_images subject-images]
+
+`--pretrained` gives the same architecture with weights trained on the procedural world of
+`sdxl_pivotal.world` (shipped in `sdxl_pivotal/assets/tiny-world/`), so it draws "a red circle on a blue
+background" at 64 px.
 """
 
 from __future__ import annotations
@@ -45,8 +50,12 @@ _VOCAB_WORDS = tuple(
         "a photo of the in on with and dog cat man woman "
         "person face style painting portrait tok sks red blue green yellow toy "
         "figure close up standing sitting background white black outdoors "
+        "circle square triangle star "
     ).split()
 )
+
+# The world-trained weights (`python -m sdxl_pivotal.pretrain_world`); see its README for the recipe and cost.
+PRETRAINED_DIR = Path(__file__).parent / "assets" / "tiny-world"
 
 SDXL_SCHEDULER_CONFIG = dict(
     beta_end=0.012,
@@ -105,27 +114,32 @@ def write_clip_vocab(folder: Path) -> tuple[Path, Path]:
     return vocab_file, merges_file
 
 
-def build_clip_tokenizers():
-    """SDXL's two CLIP tokenizers over the small embedded vocabulary (`write_clip_vocab`)."""
+def build_clip_tokenizers(vocab_dir: Path | None = None):
+    """SDXL's two CLIP tokenizers: over `vocab_dir`'s `vocab.json` and `merges.txt` when given (the shipped
+    world-trained model's), else over the small vocabulary written by code (`write_clip_vocab`)."""
     import tempfile
 
     from transformers import CLIPTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
-        vocab_file, merges_file = write_clip_vocab(Path(tmp))
+        if vocab_dir is None:
+            vocab_file, merges_file = write_clip_vocab(Path(tmp))
+        else:
+            vocab_file, merges_file = Path(vocab_dir) / "vocab.json", Path(vocab_dir) / "merges.txt"
         tokenizer = CLIPTokenizer(vocab=str(vocab_file), merges=str(merges_file), model_max_length=77)
         # SDXL's second tokenizer pads with "!" instead of the end-of-text token.
         tokenizer_2 = CLIPTokenizer(vocab=str(vocab_file), merges=str(merges_file), model_max_length=77, pad_token="!")
     return tokenizer, tokenizer_2
 
 
-def build_tiny_sdxl_pipeline(preset: str = "tiny", seed: int = 0):
-    """Build an SDXL `StableDiffusionXLPipeline` with random weights, deterministic for a given seed."""
+def build_tiny_sdxl_pipeline(preset: str = "tiny", seed: int = 0, vocab_dir: Path | None = None):
+    """Build an SDXL `StableDiffusionXLPipeline` with random weights, deterministic for a given seed; the
+    tokenizers as `build_clip_tokenizers(vocab_dir)`."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     p = PRESETS[preset]
-    tokenizer, tokenizer_2 = build_clip_tokenizers()
+    tokenizer, tokenizer_2 = build_clip_tokenizers(vocab_dir)
     special = dict(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
@@ -201,10 +215,32 @@ def build_tiny_sdxl_pipeline(preset: str = "tiny", seed: int = 0):
     )
 
 
-def save_tiny_sdxl(output_dir: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
-    """Build the pipeline and `save_pretrained` it (safetensors) into `output_dir`; return the folder."""
+def build_pretrained_tiny_sdxl(weights_dir: str | Path = PRETRAINED_DIR):
+    """The tiny SDXL with the weights `sdxl_pivotal.pretrain_world` exported (it draws the procedural world).
+
+    The components are built as `build_tiny_sdxl_pipeline` builds them, with the exported tokenizer files, then
+    take the fp16 weights (as float32); the VAE's `scaling_factor` and the UNet's native size come from
+    `recipe.json`.
+    """
+    from safetensors.torch import load_file
+
+    weights_dir = Path(weights_dir)
+    recipe = json.loads((weights_dir / "recipe.json").read_text())
+    pipe = build_tiny_sdxl_pipeline(recipe["preset"], vocab_dir=weights_dir)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        state = {k: v.float() for k, v in load_file(weights_dir / f"{name}.safetensors").items()}
+        getattr(pipe, name).load_state_dict(state)
+    pipe.vae.register_to_config(scaling_factor=recipe["vae_scaling_factor"])
+    pipe.unet.register_to_config(sample_size=recipe["resolution"] // pipe.vae_scale_factor)
+    return pipe
+
+
+def save_tiny_sdxl(output_dir: str | Path, preset: str = "tiny", seed: int = 0, pretrained: bool = False) -> Path:
+    """Build the pipeline (random weights, or with `pretrained` the world-trained ones) and `save_pretrained` it
+    (safetensors) into `output_dir`; return the folder."""
     output_dir = Path(output_dir)
-    build_tiny_sdxl_pipeline(preset, seed).save_pretrained(output_dir, safe_serialization=True)
+    pipe = build_pretrained_tiny_sdxl() if pretrained else build_tiny_sdxl_pipeline(preset, seed)
+    pipe.save_pretrained(output_dir, safe_serialization=True)
     return output_dir
 
 
@@ -252,12 +288,24 @@ def main() -> None:
     parser.add_argument("--output_dir", default="tiny-sdxl", help="where to save the pipeline")
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--demo_images", default=None, help="also write the demo image set here")
+    parser.add_argument(
+        "--pretrained", action="store_true", help="the world-trained tiny weights (64 px) instead of random ones"
+    )
+    parser.add_argument("--demo_images", default=None, help="also write the demo image set (a toy figure) here")
+    parser.add_argument(
+        "--subject_images", default=None, help="also write the world demo subject (TOK circle) images here"
+    )
     args = parser.parse_args()
-    folder = save_tiny_sdxl(args.output_dir, args.preset, args.seed)
-    print(f"saved a {args.preset} SDXL pipeline to {folder}")
+    if args.pretrained and args.preset != "tiny":
+        parser.error("--pretrained exists for --preset tiny only.")
+    folder = save_tiny_sdxl(args.output_dir, args.preset, args.seed, pretrained=args.pretrained)
+    print(f"saved a {'pretrained' if args.pretrained else 'random'} {args.preset} SDXL pipeline to {folder}")
     if args.demo_images:
         print(f"wrote demo images to {write_demo_images(args.demo_images)}")
+    if args.subject_images:
+        from .world import write_subject_images
+
+        print(f"wrote subject images to {write_subject_images(args.subject_images)}")
 
 
 if __name__ == "__main__":

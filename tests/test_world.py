@@ -1,0 +1,89 @@
+"""The procedural world, its detectors, the world-trained tiny SDXL and its pretraining recipe."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from sdxl_pivotal import world
+from sdxl_pivotal.quality import subject_fidelity, subject_histogram
+
+
+def test_world_batches_depend_on_the_seed_only():
+    images, captions = world.world_batch(seed=3, count=4, size=64)
+    again, captions_again = world.world_batch(seed=3, count=4, size=64)
+    other, _ = world.world_batch(seed=4, count=4, size=64)
+    assert captions == captions_again
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, again, strict=True))
+    assert not all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, other, strict=True))
+    assert all(image.size == (64, 64) for image in images)
+
+
+def test_world_captions_tokenize_apart_within_the_context(tmp_path):
+    from transformers import CLIPTokenizer
+
+    from sdxl_pivotal.tiny import write_clip_vocab
+
+    vocab, merges = write_clip_vocab(tmp_path)
+    tokenizer = CLIPTokenizer(vocab=str(vocab), merges=str(merges))
+    captions = world.all_captions()
+    assert len(captions) == len(world.SHAPES) * len(world.COLORS) * (len(world.COLORS) - 1)
+    ids = [tuple(tokenizer(caption).input_ids) for caption in captions]
+    assert len(set(ids)) == len(captions) and max(map(len, ids)) <= 77
+    assert all(len(tokenizer.tokenize(word)) == 1 for word in ("red", "blue", "square", "star", "photo"))
+
+
+def test_detectors_read_the_scenes_they_are_given():
+    rng = np.random.default_rng(0)
+    scenes = [world.random_scene(rng) for _ in range(40)]
+    readings = [world.read_image(world.render(scene, 64, rng)) for scene in scenes]
+    assert [r.background for r in readings] == [s.background for s in scenes]
+    assert [r.color for r in readings] == [s.color for s in scenes]
+    for scene, reading in zip(scenes, readings, strict=True):
+        assert abs(reading.centroid[0] - scene.center[0]) < 0.08
+        assert abs(reading.centroid[1] - scene.center[1]) < 0.08
+    blank = world.read_image(Image.new("RGB", (64, 64), world.COLORS["green"]))
+    assert blank.background == "green" and blank.foreground_fraction == 0 and blank.color == ""
+
+
+def test_subject_fidelity_separates_the_subject_from_the_world(tmp_path):
+    folder = world.write_subject_images(tmp_path / "subject", count=6)
+    subject = [Image.open(p) for p in sorted(folder.glob("*.png"))]
+    assert len(subject) == 6 and (folder / "metadata.jsonl").read_text().count("TOK circle") == 6
+    reference = subject_histogram(subject[:3])
+    assert subject_fidelity(subject[3:], reference) > 0.85
+    scenes, _ = world.world_batch(seed=0, count=20, size=64)
+    assert subject_fidelity(scenes, reference) < 0.1
+
+
+def test_pretrained_tiny_sdxl_loads_the_shipped_weights(tmp_path):
+    from sdxl_pivotal.tiny import PRETRAINED_DIR, build_pretrained_tiny_sdxl, build_tiny_sdxl_pipeline
+
+    pipe = build_pretrained_tiny_sdxl()
+    shipped = load_file(PRETRAINED_DIR / "unet.safetensors")
+    state = pipe.unet.state_dict()
+    assert all(torch.equal(state[k], v.float()) for k, v in shipped.items())
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 64
+    random = build_tiny_sdxl_pipeline()
+    assert not torch.equal(random.unet.conv_in.weight, pipe.unet.conv_in.weight)
+
+
+@pytest.mark.slow
+def test_pretraining_resumes_exactly(tmp_path):
+    from sdxl_pivotal.pretrain_world import main
+
+    small = ["--vae_steps", "2", "--num_scenes", "64", "--unet_batch_size", "4", "--vae_batch_size", "4"]
+    main(["--work_dir", str(tmp_path / "a"), "--export_dir", str(tmp_path / "a-out"), "--unet_steps", "4", *small])
+    main(["--work_dir", str(tmp_path / "b"), "--unet_steps", "2", "--checkpointing_steps", "2", *small])
+    main(["--work_dir", str(tmp_path / "b"), "--export_dir", str(tmp_path / "b-out"), "--unet_steps", "4", *small])
+    for name in ("unet", "vae"):
+        a = load_file(tmp_path / "a-out" / f"{name}.safetensors")
+        b = load_file(tmp_path / "b-out" / f"{name}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    # The export holds the EMA weights; the resumed steps moved them (`ema.0` is the first parameter, conv_in's).
+    halfway = load_file(tmp_path / "b" / "unet-2" / "checkpoint.safetensors")["ema.0"]
+    final = load_file(tmp_path / "a-out" / "unet.safetensors")["conv_in.weight"]
+    assert halfway.shape == final.shape and not torch.equal(halfway.half(), final)
