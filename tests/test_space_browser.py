@@ -105,7 +105,7 @@ def wait_for_step(page, at_least: int) -> int:
     return step
 
 
-def test_train_in_the_browser(app_url, page, tmp_path, demo_images, tiny_model):
+def test_train_in_the_browser(app_url, page, tmp_path, demo_images):
     from playwright.sync_api import expect
 
     expect.set_options(timeout=TIMEOUT_MS)
@@ -148,7 +148,8 @@ def test_train_in_the_browser(app_url, page, tmp_path, demo_images, tiny_model):
         box.fill(f"a photo of TOK toy figure, {backgrounds[i % 4]}")
         box.blur()
 
-    # 4. A short run on the tiny model (the default without a GPU).
+    # 4. A short run on the world-trained tiny model (the default without a GPU), at the 64 px it knows.
+    expect(page.locator("#flag-resolution input")).to_have_value("64")
     for dest, value in [
         ("max_train_steps", STEPS),
         ("validation_steps", 20),
@@ -227,7 +228,7 @@ def test_train_in_the_browser(app_url, page, tmp_path, demo_images, tiny_model):
             "README.md",
         } <= names
         archive.extractall(tmp_path / "unzipped")
-    check_lora_loads(tiny_model, tmp_path / "unzipped")
+    check_lora_loads(tmp_path / "cache" / "tiny-world", tmp_path / "unzipped")  # the model it was trained on
 
     # 9. Try it.
     page.locator("#generate").click()

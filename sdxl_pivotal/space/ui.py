@@ -28,7 +28,9 @@ from .runs import RunManager
 from .uploads import MIN_IMAGES, add_uploads, list_images, new_run_folder, read_caption, remove_image, write_caption
 
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
+WORLD_LABEL = "embedded tiny SDXL trained on a world of shapes (64 px, runs on a CPU)"
 TINY_LABEL = "embedded tiny SDXL (random weights, runs on a CPU)"
+TINY_FOLDERS = {WORLD_LABEL: "tiny-world", TINY_LABEL: "tiny-sdxl"}  # in the model cache
 STATUS_TEXT = {
     "queued": "waiting in the queue",
     "running": "training",
@@ -38,20 +40,23 @@ STATUS_TEXT = {
 }
 
 
-def ensure_tiny_model(cache_dir: Path) -> Path:
-    """The embedded tiny SDXL in `cache_dir`, built (`python -m sdxl_pivotal.tiny`'s code) if absent."""
-    folder = cache_dir / "tiny-sdxl"
+def ensure_tiny_model(cache_dir: Path, label: str) -> Path:
+    """The embedded tiny SDXL `label` (world-trained or random) in `cache_dir`, built (`python -m
+    sdxl_pivotal.tiny`'s code) if absent."""
+    folder = cache_dir / TINY_FOLDERS[label]
     if not (folder / "model_index.json").is_file():
-        partial = cache_dir / ".tiny-sdxl.partial"
-        save_tiny_sdxl(partial)
+        partial = cache_dir / f".{folder.name}.partial"
+        save_tiny_sdxl(partial, pretrained=label == WORLD_LABEL)
         partial.replace(folder)
     return folder
 
 
-def app_defaults(has_gpu: bool, tiny: bool) -> dict:
-    """Starting values of the app (the trainer's own defaults are shown beside each setting)."""
+def app_defaults(has_gpu: bool, model: str) -> dict:
+    """Starting values of the app for `model` (a label or an id; the trainer's own defaults are shown beside
+    each setting). The world-trained tiny SDXL learned its world at 64 px."""
+    tiny = model in TINY_FOLDERS
     return {
-        "resolution": 128 if tiny else 1024,
+        "resolution": 64 if model == WORLD_LABEL else 128 if tiny else 1024,
         "train_batch_size": 2 if tiny else 1,
         "gradient_accumulation_steps": 1 if tiny else 4,
         "gradient_checkpointing": not tiny,
@@ -99,7 +104,7 @@ class SpaceApp:
         self.runs_root.mkdir(parents=True, exist_ok=True)
         self.has_gpu = torch.cuda.is_available()
         self.num_gpus = torch.cuda.device_count()
-        self.tiny_model = ensure_tiny_model(cache_dir)
+        self.tiny_models = {label: ensure_tiny_model(cache_dir, label) for label in TINY_FOLDERS}
         self.manager = RunManager()
         self.manager.load_runs(self.runs_root)
         self.try_it = TryIt()
@@ -109,7 +114,7 @@ class SpaceApp:
 
     # --- settings -> command --------------------------------------------------------------------------------
     def model_path(self, model: str) -> str:
-        return str(self.tiny_model) if model == TINY_LABEL else model
+        return str(self.tiny_models[model]) if model in self.tiny_models else model
 
     def settings(self, values) -> dict:
         """Widget values (in `self.dests` order) -> trainer settings by dest, typed as the parser types them."""
@@ -134,7 +139,7 @@ class SpaceApp:
             command = cmd.shell_text(self.run_command(folder, name, settings))
         except (ValueError, KeyError) as error:
             return f"# invalid setting: {error}", ""
-        tiny = settings["pretrained_model_name_or_path"] == str(self.tiny_model)
+        tiny = settings["pretrained_model_name_or_path"] in {str(path) for path in self.tiny_models.values()}
         return command, estimate(settings, tiny, HARDWARE[hardware]).markdown(HARDWARE[hardware])
 
     # --- images and captions -------------------------------------------------------------------------------
@@ -255,8 +260,9 @@ class SpaceApp:
 
     # --- layout ---------------------------------------------------------------------------------------------
     def build(self) -> gr.Blocks:
-        defaults = app_defaults(self.has_gpu, tiny=not self.has_gpu)
-        model_choices = [TINY_LABEL, SDXL_BASE]
+        default_model = SDXL_BASE if self.has_gpu else WORLD_LABEL
+        defaults = app_defaults(self.has_gpu, default_model)
+        model_choices = [WORLD_LABEL, TINY_LABEL, SDXL_BASE]
         with gr.Blocks(title="sdxl-pivotal: train an SDXL LoRA") as demo:
             folder = gr.State(None)  # the current upload folder (server side only)
             version = gr.State(0)  # bumped when the image list changes
@@ -303,10 +309,10 @@ class SpaceApp:
             model_flag = self.actions["pretrained_model_name_or_path"]
             widgets["pretrained_model_name_or_path"] = gr.Dropdown(
                 model_choices,
-                value=SDXL_BASE if self.has_gpu else TINY_LABEL,
+                value=default_model,
                 allow_custom_value=True,
                 label=model_flag.option_strings[0],
-                info=f"{model_flag.help}; the tiny one is the default without a GPU",
+                info=f"{model_flag.help}; the world-trained tiny one is the default without a GPU",
                 elem_id="flag-pretrained_model_name_or_path",
             )
             common = [d for d in cmd.COMMON if d != "pretrained_model_name_or_path"]
@@ -400,7 +406,7 @@ class SpaceApp:
             model_outputs = [widgets[d] for d in defaults]
             model_widget = widgets["pretrained_model_name_or_path"]
             model_widget.change(
-                lambda model: list(app_defaults(self.has_gpu, model == TINY_LABEL).values()),
+                lambda model: list(app_defaults(self.has_gpu, model).values()),
                 model_widget,
                 model_outputs,
             )
