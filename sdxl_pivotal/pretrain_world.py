@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .losses import min_snr_weights
-from .tiny import build_tiny_sdxl_pipeline, write_clip_vocab
+from .tiny import WORLD_VOCAB_WORDS, build_tiny_sdxl_pipeline, write_clip_vocab
 from .world import all_captions, autoencoder_batch, world_batch
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -250,7 +250,7 @@ def export(pipe, args, export_dir: Path) -> None:
     for name in COMPONENTS:
         state = {k: v.detach().to(torch.float16).contiguous() for k, v in getattr(pipe, name).state_dict().items()}
         save_file(state, export_dir / f"{name}.safetensors")
-    write_clip_vocab(export_dir)
+    write_clip_vocab(export_dir, WORLD_VOCAB_WORDS)
     recipe = {
         "command": "python -m sdxl_pivotal.pretrain_world "
         + " ".join(f"--{k} {v}" for k, v in vars(args).items() if k not in ("work_dir", "export_dir")),
@@ -267,7 +267,9 @@ def main(argv: list[str] | None = None) -> None:
     work_dir = Path(args.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    pipe = build_tiny_sdxl_pipeline("tiny", seed=args.seed)
+    vocab_dir = work_dir / "vocab"
+    write_clip_vocab(vocab_dir, WORLD_VOCAB_WORDS)
+    pipe = build_tiny_sdxl_pipeline("tiny", seed=args.seed, vocab_dir=vocab_dir)
     pipe.text_encoder.requires_grad_(False)
     pipe.text_encoder_2.requires_grad_(False)
     train_vae(pipe.vae, args, work_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 from pathlib import Path
@@ -81,3 +82,14 @@ def read_only_folder(tmp_path) -> Path:
     if os.geteuid() == 0:
         subprocess.run(["chattr", "-i", str(folder)], check=True)
     folder.chmod(0o755)
+
+
+@pytest.fixture
+def gpu_packages(monkeypatch):
+    """bitsandbytes and xformers seem installed, as on the GPU machines these flags are for: the parser checks
+    that optional packages exist (this CPU machine has no CUDA build of them)."""
+    find_spec = importlib.util.find_spec
+    present = ("bitsandbytes", "xformers")
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name in present else find_spec(name, *a)
+    )

@@ -5,7 +5,6 @@ same arguments, for every flag of the parser."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -181,17 +180,6 @@ def every_flag_command_lines(tmp_path: Path, image_dir: Path) -> list[list[str]]
             flag, dest = COMPANIONS[action.dest]
             target += [flag, flag_text(parser_action(dest), tmp_path, image_dir)]
     return [first, second, third]
-
-
-@pytest.fixture
-def gpu_packages(monkeypatch):
-    """bitsandbytes and xformers seem installed, as on the GPU machines these flags are for: the parser checks
-    that optional packages exist (this CPU machine has no CUDA build of them)."""
-    find_spec = importlib.util.find_spec
-    present = ("bitsandbytes", "xformers")
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: object() if name in present else find_spec(name, *a)
-    )
 
 
 @pytest.mark.usefixtures("gpu_packages")

@@ -29,6 +29,7 @@ def notebook_source() -> str:
 
 
 @pytest.mark.parametrize("preset", notebook.PRESETS)
+@pytest.mark.usefixtures("gpu_packages")  # the Colab path uses 8-bit Adam
 def test_colab_path_differs_from_the_cpu_path_only_in_model_and_hardware(preset, tmp_path, demo_images, monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     form = {**FORM, "instance_data_dir": str(demo_images)}

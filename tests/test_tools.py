@@ -105,7 +105,9 @@ def test_merge_equals_the_lora_loaded_at_that_scale(lora_files, tiny_model, tmp_
     )
     merged = outputs(StableDiffusionXLPipeline.from_pretrained(tmp_path / "merged"))
     expected = loaded(tiny_model, lora_files["kohya"], 0.7)
-    assert_outputs_equal(merged, expected)
+    # Fused weights round differently from the LoRA applied beside them (float32: ~1e-6 on outputs of ~1e-2);
+    # a wrong scale or a missed module changes them by more than 1e-4 (checked below).
+    assert_outputs_equal(merged, expected, atol=1e-5)
     base = outputs(fresh_pipeline(tiny_model))
     for at_scale, at_one, before in zip(expected, lora_files["outputs"], base, strict=True):
         assert not torch.allclose(at_scale, at_one, atol=1e-4) and not torch.allclose(at_scale, before, atol=1e-4)
