@@ -25,9 +25,9 @@ def test_world_batches_depend_on_the_seed_only():
 def test_world_captions_tokenize_apart_within_the_context(tmp_path):
     from transformers import CLIPTokenizer
 
-    from sdxl_pivotal.tiny import write_clip_vocab
+    from sdxl_pivotal.tiny import WORLD_VOCAB_WORDS, write_clip_vocab
 
-    vocab, merges = write_clip_vocab(tmp_path)
+    vocab, merges = write_clip_vocab(tmp_path, WORLD_VOCAB_WORDS)  # the world-trained model's vocabulary
     tokenizer = CLIPTokenizer(vocab=str(vocab), merges=str(merges))
     captions = world.all_captions()
     assert len(captions) == len(world.SHAPES) * len(world.COLORS) * (len(world.COLORS) - 1)
