@@ -306,27 +306,14 @@ def test_a_kohya_file_of_another_trainer_loads_with_its_ranks(tiny_model, demo_i
 
     args = flags_for(tiny_model, demo_images, tmp_path)
     foreign = foreign_kohya_file(tmp_path / "other.safetensors", load_sdxl(args))
-    saved = loaded_and_saved(
-        tiny_model,
-        demo_images,
-        tmp_path,
-        "--network_weights",
-        str(tmp_path / "other.safetensors"),
-        "--train_text_encoder",
-    )
+    from_file = ("--network_weights", str(tmp_path / "other.safetensors"), "--train_text_encoder")
+    saved = loaded_and_saved(tiny_model, demo_images, tmp_path, *from_file)
     again = load_file(saved / kohya_file_name("out"))
     assert again.keys() == foreign.keys()
     assert all(torch.equal(again[k], foreign[k]) for k in foreign), "saved as loaded"
 
     # The modules kohya's names point to, at the file's ranks and scales (alpha / rank).
-    args = flags_for(
-        tiny_model,
-        demo_images,
-        tmp_path,
-        "--network_weights",
-        str(tmp_path / "other.safetensors"),
-        "--train_text_encoder",
-    )
+    args = flags_for(tiny_model, demo_images, tmp_path, *from_file)
     parts = load_sdxl(args)
     from sdxl_pivotal.adapters import add_adapters
 

@@ -91,6 +91,13 @@ def setting_component(action: argparse.Action, value) -> gr.components.Component
     return gr.Textbox(value="" if value is None else str(value), label=label, info=info, elem_id=elem_id)
 
 
+def image_row(label: str, elem_id: str, height: int) -> gr.Gallery:
+    """A gallery of small images, eight to a row, shown whole (no preview pane)."""
+    return gr.Gallery(
+        label=label, columns=8, height=height, object_fit="contain", preview=False, fit_columns=False, elem_id=elem_id
+    )
+
+
 def safe_name(name: str) -> str:
     cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-")
     return cleaned or "my-lora"
@@ -356,27 +363,11 @@ class SpaceApp:
                     elem_id="loss-plot",
                     height=300,
                 )
-                gallery = gr.Gallery(
-                    label="Validation images by step",
-                    columns=8,
-                    height=220,
-                    object_fit="contain",
-                    preview=False,
-                    fit_columns=False,
-                    elem_id="validation",
-                )
+                gallery = image_row("Validation images by step", "validation", height=220)
                 log = gr.Code(label="Log (last lines)", elem_id="log", lines=10)
 
             gr.Markdown("## 7. Results")
-            final_gallery = gr.Gallery(
-                label="Final samples",
-                columns=8,
-                height=200,
-                object_fit="contain",
-                preview=False,
-                fit_columns=False,
-                elem_id="final",
-            )
+            final_gallery = image_row("Final samples", "final", height=200)
             download = gr.DownloadButton("Download the LoRA (zip)", visible=False, elem_id="download")
             with gr.Row():
                 try_prompt = gr.Textbox("a photo of TOK on the beach", label="Try it: prompt (TOK = your concept)")
