@@ -5,8 +5,8 @@ folder or checkpoint (its LoRA and `_emb` file), loaded as `load_for_diffusers` 
 embeddings); --embeddings adds an `_emb` file. --scale multiplies the LoRA's update, as loading it with
 `pipe.set_adapters(name, scale)` does.
 
---format diffusers (the default) saves a diffusers pipeline folder: the new tokens of pivotal tuning stay in both
-tokenizers and text encoders, so prompt it with them (`<s0><s1>`), as with the LoRA.
+--format diffusers (the default for any other --output) saves a diffusers pipeline folder: the new tokens of
+pivotal tuning stay in both tokenizers and text encoders, so prompt it with them (`<s0><s1>`), as with the LoRA.
 
 --format single_file (the default for an --output ending in .safetensors) writes the UNet, VAE and both text
 encoders into one safetensors file with Stability AI's original key names (the layout of
@@ -15,8 +15,9 @@ encoders into one safetensors file with Stability AI's original key names (the l
 the base vocabulary, and the new tokens' embeddings are written beside it as `<output stem>_emb.safetensors`. Put
 that file into the UI's embeddings folder and write its name where the prompts had `<s0><s1>` (A1111 / Forge
 `a photo of NAME_emb dog`, ComfyUI `embedding:NAME_emb`). In diffusers:
-`StableDiffusionXLPipeline.from_single_file(FILE, config=BASE, local_files_only=True)`, with BASE the base
-pipeline's folder or Hub id, then `load_for_diffusers(pipe, "NAME_emb.safetensors")`.
+`StableDiffusionXLPipeline.from_single_file(FILE, config=BASE, local_files_only=True)` reads it offline, with
+BASE the base pipeline's folder (or its Hub id, once cached), then `load_for_diffusers(pipe, "NAME_emb.safetensors")`
+adds the tokens. --dtype float16 gives the half-size file the UIs usually take.
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="LoRA scale (default 1.0)")
     parser.add_argument("--embeddings", default=None, help="an _emb.safetensors file to add")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype to load and save the pipeline in")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing output (single_file: also its _emb file)"
+    )
 
 
 def run(args: argparse.Namespace) -> None:
