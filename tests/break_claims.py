@@ -359,6 +359,40 @@ B = [
         ],
         ["tests/test_rng.py", "tests/test_captions.py"],
     ),
+    (
+        "single-qkv",
+        "Single-file checkpoint: OpenCLIP-G attention as one in_proj (q, k, v stacked)",
+        "sdxl_pivotal/formats/single_file.py",
+        [('_QKV = ("q_proj", "k_proj", "v_proj")', '_QKV = ("k_proj", "q_proj", "v_proj")')],
+        ["tests/test_single_file.py"],
+    ),
+    (
+        "single-projection",
+        "Single-file checkpoint: OpenCLIP-G text_projection transposed (x @ P)",
+        "sdxl_pivotal/formats/single_file.py",
+        [('value.T.contiguous() if name == "text_projection" else value', "value")],
+        ["tests/test_single_file.py"],
+    ),
+    (
+        "single-every-key",
+        "Single-file checkpoint: diffusers' conversion reads every key of the file",
+        "sdxl_pivotal/formats/single_file.py",
+        [
+            (
+                "return {CLIP_G_PREFIX + name: value for name, value in fused.items()}",
+                "return {CLIP_G_PREFIX + name: value for name, value in fused.items()}"
+                ' | {CLIP_G_PREFIX + "logit_scale": torch.ones(())}',
+            )
+        ],
+        ["tests/test_single_file.py"],
+    ),
+    (
+        "single-vocabulary",
+        "Single-file checkpoint keeps the base vocabulary; the new tokens go to the _emb file beside it",
+        "sdxl_pivotal/formats/single_file.py",
+        [("state[key] = state[key][: state[key].shape[0] - new_tokens]", "pass")],
+        ["tests/test_single_file.py"],
+    ),
 ]
 
 scratch, out = Path(sys.argv[1]), Path(sys.argv[2])
