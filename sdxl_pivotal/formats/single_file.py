@@ -37,7 +37,15 @@ CLIP_G_PREFIX = "conditioner.embedders.1.model."
 _VAE_RESNET_LAYERS = {"conv_shortcut": "nin_shortcut"}
 # The VAE's mid-block attention: diffusers' Linear projections are LDM's 1x1 convolutions.
 _VAE_ATTENTION_LAYERS = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-_VAE_TOP_LEVEL = ("conv_in", "conv_out", "quant_conv", "post_quant_conv")
+# Paths both layouts share, outside the levels.
+_VAE_SAME_PATHS = (
+    "encoder.conv_in",
+    "encoder.conv_out",
+    "decoder.conv_in",
+    "decoder.conv_out",
+    "quant_conv",
+    "post_quant_conv",
+)
 
 # OpenCLIP's names for transformers' CLIP paths (under `text_model.`); whole parameters where open_clip stores
 # a bare tensor.
@@ -67,7 +75,8 @@ def sgm_state_dict(pipe, new_tokens: int = 0) -> dict[str, torch.Tensor]:
     the last `new_tokens` rows of both token embeddings left out (see `new_token_embeddings`).
 
     Tensors are the models' own where the layout allows (views), new ones where it differs (fused in_proj, the
-    transposed projection). ValueError for a parameter outside the layout (e.g. an unfused LoRA's)."""
+    transposed projection). The models hold plain weights (a LoRA fused and unloaded); ValueError for a UNet, VAE or
+    CLIP-G parameter the tables do not place."""
     state = {
         **unet_state(pipe.unet),
         **vae_state(pipe.vae),
@@ -92,8 +101,7 @@ def vae_table(config: Mapping) -> dict[str, str]:
     if not isinstance(config["layers_per_block"], int):
         raise ValueError("The single-file layout needs one `layers_per_block` for all VAE levels.")
     levels, layers = len(config["block_out_channels"]), config["layers_per_block"]
-    table = {path: path for part in ("encoder", "decoder") for path in (f"{part}.conv_in", f"{part}.conv_out")}
-    table |= {path: path for path in _VAE_TOP_LEVEL[2:]}
+    table = {path: path for path in _VAE_SAME_PATHS}
     for i in range(levels):
         for j in range(layers):
             table |= _vae_resnet(f"encoder.down_blocks.{i}.resnets.{j}", f"encoder.down.{i}.block.{j}")

@@ -113,7 +113,8 @@ def merge_lora(
         pipe.fuse_lora(lora_scale=scale, adapter_names=[ADAPTER])
         pipe.unload_lora_weights()
     if output_format == "single_file":
-        save_single_file(pipe, tokens, output)
+        with bad_input(base):  # a model the SAI layout has no place for
+            save_single_file(pipe, tokens, output)
     else:
         with atomic_folder(output) as staging:
             pipe.save_pretrained(staging, safe_serialization=True)
