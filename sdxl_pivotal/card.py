@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .args import long_prompts
 from .export import LORA_WEIGHTS_NAME, embeddings_file_name, output_name, save_text
 from .tokens import PivotalTokens
 
@@ -32,6 +33,7 @@ SETTINGS = (
     "train_text_encoder_ti_frac",
     "token_abstraction",
     "clip_skip",
+    "max_token_length",
     "mixed_precision",
     "seed",
 )
@@ -51,6 +53,15 @@ def diffusers_code(
     exact = diffusers_reads_exactly(Path(folder or args.output_dir) / LORA_WEIGHTS_NAME)
     loading = diffusers_loading_code(args, tokens, repo_id) if exact else our_loading_code(args, tokens, repo_id)
     imports, body = loading
+    call = f'image = pipe("{prompt}"{clip_skip}).images[0]'
+    if long_prompts(args.max_token_length):
+        # diffusers' pipeline truncates prompt strings at 77 tokens: give it the long embeddings training used.
+        imports = [
+            *imports,
+            f"from sdxl_pivotal.prompts import pipeline_embeddings  # prompts up to {args.max_token_length} tokens",
+        ]
+        embeds = f'pipeline_embeddings(pipe, "{prompt}", None, {args.max_token_length}, {args.clip_skip})'
+        call = f"image = pipe(**{embeds}).images[0]"
     lines = [
         "import torch",
         "from diffusers import StableDiffusionXLPipeline",
@@ -60,7 +71,7 @@ def diffusers_code(
         f'    "{args.pretrained_model_name_or_path}", dtype=torch.float16',
         ').to("cuda")',
         *body,
-        f'image = pipe("{prompt}"{clip_skip}).images[0]',
+        call,
     ]
     return "\n".join(lines)
 

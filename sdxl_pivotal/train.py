@@ -411,6 +411,7 @@ def train(args: argparse.Namespace) -> Path:
         [wrapped.get(n, getattr(parts, n)) for n in ("text_encoder", "text_encoder_2")],
         args.clip_skip,
         cache=not args.shuffle_caption,
+        max_token_length=args.max_token_length,
     )
 
     unwrapped = {name: accelerator.unwrap_model(m) for name, m in wrapped.items()}
