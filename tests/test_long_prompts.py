@@ -4,7 +4,10 @@ images, and caching, resume, the config file and the model card keep it."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from argparse import Namespace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -241,7 +244,8 @@ def test_resume_is_exact_with_long_prompts(run_training, tmp_path, monkeypatch):
     assert_same_tensors(load_file(resumed / "resumed_emb.safetensors"), load_file(full / "full_emb.safetensors"))
 
 
-def test_config_file_and_model_card(run_training, demo_images, tmp_path):
+@pytest.mark.slow
+def test_config_file_model_card_and_example(run_training, tiny_model, demo_images, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({"max_token_length": 225, "instance_data_dir": str(demo_images)}))
     base = ["--pretrained_model_name_or_path", "m", "--instance_prompt", "p", "--config", str(config)]
@@ -262,6 +266,22 @@ def test_config_file_and_model_card(run_training, demo_images, tmp_path):
     live, final = (np.asarray(Image.open(out / "validation" / f / "0.png")) for f in ("step-1", "final"))
     np.testing.assert_array_equal(final, live)
     assert [p.name for p in sorted((out / "samples" / "step-1").glob("*.png"))] == ["0.png", "1.png"]
+    # examples/generate.py with --max_token_length gives the final validation image (same seed, steps, sampler).
+    script = Path(__file__).resolve().parent.parent / "examples" / "generate.py"
+    argv = ["--model", str(tiny_model), "--lora", str(out), "--prompt", f"{caption(100)} <s0><s1>", "--seed", "0"]
+    argv += [
+        "--output",
+        str(tmp_path / "sample.png"),
+        "--steps",
+        "2",
+        "--resolution",
+        "64",
+        "--max_token_length",
+        "150",
+    ]
+    done = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "sample.png")), final)
     saved = yaml.safe_load((out / "training_config.yaml").read_text())
     assert saved["max_token_length"] == 150
     card = (out / "README.md").read_text()
