@@ -129,6 +129,19 @@ def our_loading_code(
     return imports, body
 
 
+def long_prompts_note(args: argparse.Namespace) -> str:
+    """With --max_token_length 150/225: how diffusers and the UIs read prompts of that length ("" otherwise)."""
+    if not long_prompts(args.max_token_length):
+        return ""
+    return (
+        f"\nTrained on captions of up to {args.max_token_length} tokens (`--max_token_length`, kohya's encoding: "
+        "75-token chunks, the inner start and end tokens dropped). diffusers' pipeline cuts a prompt string at 77 "
+        "tokens, hence the embeddings above. AUTOMATIC1111 and ComfyUI read long prompts in 75-token chunks too, "
+        "keeping each chunk's start and end tokens (A1111 also breaks chunks at commas): close to, not exactly, "
+        "the training's conditioning.\n"
+    )
+
+
 def ui_instructions(args: argparse.Namespace, tokens: PivotalTokens | None) -> str:
     """What AUTOMATIC1111, Forge and ComfyUI each do with the run's kohya file and embeddings: folders, trigger
     words, and what each does not do (A1111's DoRA, Forge's bundled embeddings, ComfyUI's "lora key not loaded")."""
@@ -248,7 +261,7 @@ Prompt: `{prompt}`
 ```python
 {diffusers_code(args, tokens, repo_id, folder)}
 ```
-
+{long_prompts_note(args)}
 {ui_instructions(args, tokens)}
 ## Training settings
 

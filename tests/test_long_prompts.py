@@ -286,6 +286,7 @@ def test_config_file_model_card_and_example(run_training, tiny_model, demo_image
     assert saved["max_token_length"] == 150
     card = (out / "README.md").read_text()
     assert "| `max_token_length` | `150` |" in card
+    assert "Trained on captions of up to 150 tokens" in card and "diffusers' pipeline cuts" in card
     prompt = f"{caption(80)} <s0><s1>"
     namespace = run_card_code(card, out, "pipe(**pipeline_embeddings(pipe, " + f'"{prompt}", None, 150, None)')
     assert namespace["image"].size == (64, 64)
