@@ -22,6 +22,7 @@ from sdxl_pivotal.data import DreamBoothDataset, collate, load_records
 from sdxl_pivotal.errors import InputError
 from sdxl_pivotal.models import load_sdxl
 from sdxl_pivotal.prompts import PromptEncoder, pipeline_embeddings, tokenize
+from sdxl_pivotal.space.results import TryIt
 from sdxl_pivotal.tokens import PivotalTokens, add_new_tokens, new_token_rows
 from sdxl_pivotal.train import batch_loss
 from sdxl_pivotal.validation import generate
@@ -282,6 +283,11 @@ def test_config_file_model_card_and_example(run_training, tiny_model, demo_image
     done = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "sample.png")), final)
+    # So does the Space's "try it" (TOK written as in the run's captions).
+    flags = Namespace(train_text_encoder_ti=True, token_abstraction="TOK", num_new_tokens_per_abstraction=2)
+    flags.__dict__.update(resolution=64, clip_skip=None, max_token_length=150)
+    image, _ = TryIt().generate(str(tiny_model), out, flags, f"{caption(100)} TOK", seed=0, steps=2)
+    np.testing.assert_array_equal(np.asarray(image), final)
     saved = yaml.safe_load((out / "training_config.yaml").read_text())
     assert saved["max_token_length"] == 150
     card = (out / "README.md").read_text()
