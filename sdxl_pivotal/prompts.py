@@ -13,7 +13,11 @@ shares one length. One chunk (the default, or 75) is exactly diffusers' 77-token
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def chunk_count(tokenizer, max_token_length: int | None) -> int:
@@ -37,6 +41,28 @@ def tokenize(tokenizer, prompts: list[str], max_token_length: int | None = None)
             row.append(chunk + [tokenizer.pad_token_id] * (width - len(chunk)))
         rows.append(row)
     return torch.tensor(rows)
+
+
+def warn_if_truncated(tokenizer, captions: list[str], max_token_length: int | None) -> None:
+    """One warning when captions have more tokens than training reads, naming how many and the flag that helps."""
+    limit = chunk_count(tokenizer, max_token_length) * (tokenizer.model_max_length - 2)
+    distinct = sorted(set(captions))
+    lengths = [len(ids) for ids in tokenizer(distinct, add_special_tokens=False, verbose=False).input_ids]
+    longer = sum(length > limit for length in lengths)
+    if not longer:
+        return
+    wanted = next((n for n in (150, 225) if n >= max(lengths)), 225)  # kohya's lengths above 75
+    remedy = f" Pass --max_token_length {wanted} to read more of them." if wanted > limit else ""
+    logger.warning(
+        "%d of %d distinct captions have more than %d tokens (the longest %d); the words past token %d are not "
+        "seen in training.%s",
+        longer,
+        len(distinct),
+        limit,
+        max(lengths),
+        limit,
+        remedy,
+    )
 
 
 def join_chunks(hidden: torch.Tensor, chunks: int) -> torch.Tensor:

@@ -4,6 +4,7 @@ images, and caching, resume, the config file and the model card keep it."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from argparse import Namespace
@@ -21,7 +22,7 @@ from sdxl_pivotal.args import parse_args
 from sdxl_pivotal.data import DreamBoothDataset, collate, load_records
 from sdxl_pivotal.errors import InputError
 from sdxl_pivotal.models import load_sdxl
-from sdxl_pivotal.prompts import PromptEncoder, pipeline_embeddings, tokenize
+from sdxl_pivotal.prompts import PromptEncoder, pipeline_embeddings, tokenize, warn_if_truncated
 from sdxl_pivotal.space.results import TryIt
 from sdxl_pivotal.tokens import PivotalTokens, add_new_tokens, new_token_rows
 from sdxl_pivotal.train import batch_loss
@@ -177,6 +178,24 @@ def test_trainer_uses_words_past_token_77(run_training, tmp_path):
             run_training(out, *extra, "--instance_prompt", caption(100, word), "--max_train_steps", "1")
             files.append(lora_file(out))
         assert any(not torch.equal(files[0][k], files[1][k]) for k in files[0]) == differ, max_token_length
+
+
+@pytest.mark.parametrize(
+    ("max_token_length", "message"),
+    [
+        (None, r"2 of 3 distinct captions have more than 75 tokens \(the longest 200\); .* --max_token_length 225 "),
+        (150, "1 of 3 distinct captions have more than 150 tokens .* --max_token_length 225 "),
+        (225, None),
+    ],
+)
+def test_captions_longer_than_read_are_named_once(pipe, caplog, max_token_length, message):
+    captions = [caption(100), caption(100), caption(200), caption(3)]
+    warn_if_truncated(pipe.tokenizer, captions, max_token_length)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    if message is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and re.search(message, warnings[0]), warnings
 
 
 def test_cached_embeddings_equal_live_encoding(pipe):
