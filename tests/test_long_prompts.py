@@ -315,3 +315,16 @@ def test_config_file_model_card_and_example(run_training, tiny_model, demo_image
     prompt = f"{caption(80)} <s0><s1>"
     namespace = run_card_code(card, out, "pipe(**pipeline_embeddings(pipe, " + f'"{prompt}", None, 150, None)')
     assert namespace["image"].size == (64, 64)
+
+
+@pytest.mark.slow
+def test_memory_planner_counts_the_longer_text_activations(tiny_model):
+    """The planner's fake run encodes the chunks too: with the text encoders trained, a longer context costs more
+    activation memory at the peak; the weights stay the same."""
+    from sdxl_pivotal.plan import estimate, parse_plan_args
+
+    argv = ["--pretrained_model_name_or_path", str(tiny_model), "--instance_prompt", "a photo of TOK dog"]
+    argv += ["--resolution", "64", "--train_batch_size", "2", "--train_text_encoder"]
+    default = estimate(parse_plan_args(argv)[1])
+    long = estimate(parse_plan_args([*argv, "--max_token_length", "225"])[1])
+    assert long.weights == default.weights and long.peak > default.peak
