@@ -17,6 +17,8 @@ import logging
 
 import torch
 
+from .args import MAX_TOKEN_LENGTHS
+
 logger = logging.getLogger(__name__)
 
 
@@ -51,7 +53,7 @@ def warn_if_truncated(tokenizer, captions: list[str], max_token_length: int | No
     longer = sum(length > limit for length in lengths)
     if not longer:
         return
-    wanted = next((n for n in (150, 225) if n >= max(lengths)), 225)  # kohya's lengths above 75
+    wanted = next((n for n in MAX_TOKEN_LENGTHS if n >= max(lengths)), MAX_TOKEN_LENGTHS[-1])
     remedy = f" Pass --max_token_length {wanted} to read more of them." if wanted > limit else ""
     logger.warning(
         "%d of %d distinct captions have more than %d tokens (the longest %d); the words past token %d are not "
