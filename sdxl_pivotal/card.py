@@ -56,10 +56,8 @@ def diffusers_code(
     call = f'image = pipe("{prompt}"{clip_skip}).images[0]'
     if long_prompts(args.max_token_length):
         # diffusers' pipeline truncates prompt strings at 77 tokens: give it the long embeddings training used.
-        imports = [
-            *imports,
-            f"from sdxl_pivotal.prompts import pipeline_embeddings  # prompts up to {args.max_token_length} tokens",
-        ]
+        note = f"# this trainer's encoding of prompts up to {args.max_token_length} tokens"
+        imports = [*imports, f"from sdxl_pivotal.prompts import pipeline_embeddings  {note}"]
         embeds = f'pipeline_embeddings(pipe, "{prompt}", None, {args.max_token_length}, {args.clip_skip})'
         call = f"image = pipe(**{embeds}).images[0]"
     lines = [

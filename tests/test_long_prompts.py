@@ -167,16 +167,19 @@ def test_training_reaches_a_new_token_past_token_77(tiny_model, demo_images, tmp
     assert all(g > 0 for g in gradients[150])
 
 
-def test_trainer_uses_words_past_token_77(run_training, tmp_path):
+def test_trainer_uses_words_past_token_77(run_training, tmp_path, caplog):
     """Runs whose captions differ only in their 100th token train the same LoRA at the default (the word is cut
-    off), different ones at 150."""
+    off, and the run says so), different ones at 150."""
     for max_token_length, differ in ((None, False), (150, True)):
         extra = ("--max_token_length", str(max_token_length)) if max_token_length else ()
         files = []
         for word in ("dog", "cat"):
             out = tmp_path / f"{max_token_length}-{word}"
+            caplog.clear()
             run_training(out, *extra, "--instance_prompt", caption(100, word), "--max_train_steps", "1")
             files.append(lora_file(out))
+            truncated = [r for r in caplog.records if "have more than 75 tokens" in r.getMessage()]
+            assert len(truncated) == (0 if differ else 1)
         assert any(not torch.equal(files[0][k], files[1][k]) for k in files[0]) == differ, max_token_length
 
 
