@@ -272,7 +272,9 @@ class BareStep:
         self.vae, self.unet, self.scheduler = parts.vae, parts.unet, parts.noise_scheduler
         self.vae_dtype = self.vae.dtype
         self.encoders = [parts.text_encoder, parts.text_encoder_2]
-        self.token_ids = [tokenize(t, self.batch.captions).to(device) for t in (parts.tokenizer, parts.tokenizer_2)]
+        self.token_ids = [
+            tokenize(t, self.batch.captions)[:, 0].to(device) for t in (parts.tokenizer, parts.tokenizer_2)
+        ]
         self.layer = -2 if args.clip_skip is None else -(args.clip_skip + 2)
         autocast_dtype = AUTOCAST_DTYPES.get(args.mixed_precision)
         self.autocast = (

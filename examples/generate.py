@@ -16,6 +16,7 @@ from diffusers import StableDiffusionXLPipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's package, installed or not
 from sdxl_pivotal.formats import load_for_diffusers
+from sdxl_pivotal.prompts import pipeline_embeddings
 
 
 def main() -> None:
@@ -27,6 +28,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--resolution", type=int, default=None, help="default: the UNet's native size")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--max_token_length",
+        type=int,
+        default=None,
+        choices=(150, 225),
+        help="the run's --max_token_length: prompts up to that many tokens, encoded as training encoded them "
+        "(diffusers' pipeline alone truncates at 77)",
+    )
     args = parser.parse_args()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -37,8 +46,11 @@ def main() -> None:
         print(f"new tokens: {' '.join(tokens)}")
     pipe.to(device)
     size = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    text = {"prompt": args.prompt}
+    if args.max_token_length:
+        text = pipeline_embeddings(pipe, args.prompt, None, args.max_token_length, None)
     image = pipe(
-        args.prompt,
+        **text,
         num_inference_steps=args.steps,
         height=size,
         width=size,

@@ -30,6 +30,8 @@ LR_SCHEDULERS = (
 )
 ADAPTERS = ("lora", "loha", "lokr")
 LORA_TARGETS = ("attn", "attn_ff", "all_linear")
+# kohya's --max_token_length: captions in one, two or three 75-token chunks (see prompts.py).
+MAX_TOKEN_LENGTHS = (75, 150, 225)
 # Short names of the UNet's block groups in the per-block flags.
 BLOCK_ALIASES = {"down": "down_blocks", "mid": "mid_block", "up": "up_blocks"}
 # Resize filters, named as torchvision's InterpolationMode (what the reference accepts).
@@ -64,6 +66,12 @@ def str_to_bool(value: str | bool) -> bool:
 def _add_bool(parser: argparse._ActionsContainer, flag: str, default: bool, help: str) -> None:
     """A boolean flag usable as `--flag`, `--flag False`, `--flag=true` or `--flag 0`."""
     parser.add_argument(flag, type=str_to_bool, nargs="?", const=True, default=default, help=help)
+
+
+def long_prompts(max_token_length: int | None) -> bool:
+    """--max_token_length 150 or 225: prompts in several chunks, which diffusers' pipeline cannot encode itself
+    (the default and 75 are its 77-token truncation)."""
+    return max_token_length is not None and max_token_length > MAX_TOKEN_LENGTHS[0]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,6 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--adam_weight_decay_text_encoder", type=float, default=None, help="weight decay of text-encoder parameters"
     )
     g.add_argument("--clip_skip", type=int, default=None, help="use the hidden state this many layers before the last")
+    g.add_argument(
+        "--max_token_length",
+        type=int,
+        default=None,
+        choices=MAX_TOKEN_LENGTHS,
+        help="(kohya) encode captions and validation prompts up to 150 or 225 tokens, in 75-token chunks; "
+        "default (or 75): truncated at 77 like diffusers",
+    )
 
     g = parser.add_argument_group("LoRA")
     g.add_argument("--adapter", default="lora", choices=ADAPTERS, help="(ours) adapter family: LoRA, LoHa or LoKr")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .args import long_prompts
 from .export import LORA_WEIGHTS_NAME, embeddings_file_name, output_name, save_text
 from .tokens import PivotalTokens
 
@@ -32,6 +33,7 @@ SETTINGS = (
     "train_text_encoder_ti_frac",
     "token_abstraction",
     "clip_skip",
+    "max_token_length",
     "mixed_precision",
     "seed",
 )
@@ -51,6 +53,13 @@ def diffusers_code(
     exact = diffusers_reads_exactly(Path(folder or args.output_dir) / LORA_WEIGHTS_NAME)
     loading = diffusers_loading_code(args, tokens, repo_id) if exact else our_loading_code(args, tokens, repo_id)
     imports, body = loading
+    call = f'image = pipe("{prompt}"{clip_skip}).images[0]'
+    if long_prompts(args.max_token_length):
+        # diffusers' pipeline truncates prompt strings at 77 tokens: give it the long embeddings training used.
+        note = f"# this trainer's encoding of prompts up to {args.max_token_length} tokens"
+        imports = [*imports, f"from sdxl_pivotal.prompts import pipeline_embeddings  {note}"]
+        embeds = f'pipeline_embeddings(pipe, "{prompt}", None, {args.max_token_length}, {args.clip_skip})'
+        call = f"image = pipe(**{embeds}).images[0]"
     lines = [
         "import torch",
         "from diffusers import StableDiffusionXLPipeline",
@@ -60,7 +69,7 @@ def diffusers_code(
         f'    "{args.pretrained_model_name_or_path}", dtype=torch.float16',
         ').to("cuda")',
         *body,
-        f'image = pipe("{prompt}"{clip_skip}).images[0]',
+        call,
     ]
     return "\n".join(lines)
 
@@ -116,6 +125,19 @@ def our_loading_code(
     returned = f"  # also the new tokens' embeddings: tokens = [{token_list}]" if tokens else ""
     body.append(f"tokens = load_for_diffusers(pipe, {where}){returned}")
     return imports, body
+
+
+def long_prompts_note(args: argparse.Namespace) -> str:
+    """With --max_token_length 150/225: how diffusers and the UIs read prompts of that length ("" otherwise)."""
+    if not long_prompts(args.max_token_length):
+        return ""
+    return (
+        f"\nTrained on captions of up to {args.max_token_length} tokens (`--max_token_length`, kohya's encoding: "
+        "75-token chunks, the inner start and end tokens dropped). diffusers' pipeline cuts a prompt string at 77 "
+        "tokens, hence the embeddings above. AUTOMATIC1111 and ComfyUI read long prompts in 75-token chunks too, "
+        "keeping each chunk's start and end tokens (A1111 also breaks chunks at commas): close to, not exactly, "
+        "the training's conditioning.\n"
+    )
 
 
 def ui_instructions(args: argparse.Namespace, tokens: PivotalTokens | None) -> str:
@@ -237,7 +259,7 @@ Prompt: `{prompt}`
 ```python
 {diffusers_code(args, tokens, repo_id, folder)}
 ```
-
+{long_prompts_note(args)}
 {ui_instructions(args, tokens)}
 ## Training settings
 

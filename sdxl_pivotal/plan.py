@@ -309,6 +309,7 @@ def estimate(args: argparse.Namespace) -> MemoryEstimate:
             [parts.text_encoder, parts.text_encoder_2],
             args.clip_skip,
             cache=not args.shuffle_caption,
+            max_token_length=args.max_token_length,
         )
         autocast = (
             torch.autocast("cpu", dtype=weight_dtype) if weight_dtype != torch.float32 else contextlib.nullcontext()

@@ -20,7 +20,7 @@ import torch
 
 from .errors import InputError
 from .export import save_image
-from .validation import live_pipeline, log_images
+from .validation import live_pipeline, log_images, prompt_inputs
 
 KOHYA_GUIDANCE_SCALE = 7.5  # kohya's default for sample images
 # kohya's per-line options: letter -> (field, value pattern, conversion).
@@ -126,13 +126,11 @@ def make_samples(accelerator, parts, models: dict, args, prompts: list[SamplePro
             generator = torch.Generator(pipeline.device).manual_seed(seed if sample.seed is None else sample.seed)
             with torch.no_grad(), accelerator.autocast():
                 image = pipeline(
-                    sample.prompt,
-                    negative_prompt=sample.negative_prompt,
+                    **prompt_inputs(pipeline, args, sample.prompt, sample.negative_prompt),
                     num_inference_steps=sample.steps or args.validation_inference_steps,
                     guidance_scale=KOHYA_GUIDANCE_SCALE if sample.guidance_scale is None else sample.guidance_scale,
                     height=sample.height or args.resolution,
                     width=sample.width or args.resolution,
-                    clip_skip=args.clip_skip,
                     generator=generator,
                 ).images[0]
             paths.append(save_image(image, folder / f"{i}.png"))

@@ -65,7 +65,7 @@ from .models import SDXLParts, check_mixed_precision, check_model_source, load_s
 from .monitor import Requests, TrainingMonitor
 from .optim import create_lr_scheduler, create_optimizer, parameter_groups, trainable_parameters
 from .plan import log_estimate
-from .prompts import PromptEncoder
+from .prompts import PromptEncoder, warn_if_truncated
 from .rng import drawn_seed, step_seed
 from .sample_prompts import is_sample_step, make_samples, read_sample_prompts, with_tokens
 from .tokens import PivotalTokens, add_new_tokens, embeddings_state
@@ -390,6 +390,9 @@ def train(args: argparse.Namespace) -> Path:
     if args.memory_plan and accelerator.device.type == "cuda" and accelerator.is_local_main_process:
         log_estimate(args, accelerator.device)  # before minutes of loading: does it fit?
     parts, adapter_plan, weight_dtype = build_models(args, accelerator, tokens, seed)
+    if accelerator.is_main_process:  # (shuffling tags keeps a caption's length)
+        captions = [r.caption for r in dataset.records] + [r.caption for r in dataset.class_records]
+        warn_if_truncated(parts.tokenizer, captions, args.max_token_length)
     if args.cache_latents:
         cache_dir = Path(args.latents_cache_dir) if args.latents_cache_dir else None
         dataset.latent_cache = build_latent_cache(dataset, parts.vae, cache_dir)
@@ -411,6 +414,7 @@ def train(args: argparse.Namespace) -> Path:
         [wrapped.get(n, getattr(parts, n)) for n in ("text_encoder", "text_encoder_2")],
         args.clip_skip,
         cache=not args.shuffle_caption,
+        max_token_length=args.max_token_length,
     )
 
     unwrapped = {name: accelerator.unwrap_model(m) for name, m in wrapped.items()}

@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .args import long_prompts
 from .export import save_image
+from .prompts import pipeline_embeddings
 
 logger = logging.getLogger(__name__)
 
@@ -60,17 +62,25 @@ def sampling_scheduler(noise_scheduler):
     return scheduler_class.from_config(noise_scheduler.config)
 
 
+def prompt_inputs(pipeline, args: argparse.Namespace, prompt: str, negative_prompt: str | None = None) -> dict:
+    """The text arguments of a pipeline call, encoded as training encodes captions: the strings themselves (diffusers
+    truncates them at 77 tokens, as training does by default), or with --max_token_length above 75 the long
+    embeddings, which diffusers' pipeline cannot compute itself (see prompts.py)."""
+    if not long_prompts(args.max_token_length):
+        return {"prompt": prompt, "negative_prompt": negative_prompt, "clip_skip": args.clip_skip}
+    return pipeline_embeddings(pipeline, prompt, negative_prompt, args.max_token_length, args.clip_skip)
+
+
 def generate(pipeline, args: argparse.Namespace, prompt: str, seed: int, autocast=contextlib.nullcontext) -> list:
     """`--num_validation_images` images of `prompt` at the training resolution, from a fixed seed."""
     generator = torch.Generator(pipeline.device).manual_seed(seed)
     with torch.no_grad(), autocast():
         return pipeline(
-            prompt,
+            **prompt_inputs(pipeline, args, prompt),
             num_images_per_prompt=args.num_validation_images,
             num_inference_steps=args.validation_inference_steps,
             height=args.resolution,
             width=args.resolution,
-            clip_skip=args.clip_skip,
             generator=generator,
         ).images
 

@@ -12,6 +12,7 @@ from ..card import HUB_IGNORE_PATTERNS, hub_api
 from ..export import LORA_WEIGHTS_NAME, embeddings_file_name, output_name
 from ..monitor import CONTROL_DIR, METRICS_FILE
 from ..tokens import PivotalTokens
+from ..validation import prompt_inputs
 
 
 def result_files(output_dir: Path) -> list[Path]:
@@ -68,11 +69,10 @@ class TryIt:
         generator = torch.Generator(pipe.device).manual_seed(int(seed))
         size = flags.resolution
         image = pipe(
-            prompt,
+            **prompt_inputs(pipe, flags, prompt),  # long prompts as the run trained on them (--max_token_length)
             num_inference_steps=int(steps),
             height=size,
             width=size,
-            clip_skip=flags.clip_skip,
             generator=generator,
         ).images[0]
         return image, prompt
