@@ -343,3 +343,20 @@ def test_card_says_which_uis_load_ia3():
     assert "copy `tok-toy.safetensors` into `models/Lora/`" in lines["AUTOMATIC1111"]
     assert lines["Forge"].startswith("**does not load (IA)³:**")
     assert lines["ComfyUI"].startswith("**does not load (IA)³:**") and '"lora key not loaded"' in lines["ComfyUI"]
+
+
+def test_merge_tool_fuses_ia3_into_the_pipeline(tiny_model, demo_images, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from sdxl_pivotal.tools.merge import merge_lora
+
+    models = ia3_models(tiny_model, demo_images, tmp_path)
+    path = save_diffusers_lora(tmp_path / "run", models)
+    merge_lora(path, tiny_model, tmp_path / "merged")
+    merged = StableDiffusionXLPipeline.from_pretrained(tmp_path / "merged")
+    assert not any(isinstance(m, IA3Layer) for m in merged.unet.modules()), "fused, no adapter layers"
+    loaded = fresh_pipeline(tiny_model)
+    load_for_diffusers(loaded, path)
+    assert_outputs_equal(outputs(merged), outputs(loaded), atol=1e-5)
+    with pytest.raises(InputError, match="no scale to change"):
+        merge_lora(path, tiny_model, tmp_path / "half", scale=0.5)
