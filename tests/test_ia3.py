@@ -25,7 +25,7 @@ from test_formats import assert_outputs_equal, fresh_pipeline, outputs, trained_
 from sdxl_pivotal.adapters import add_adapters, unet_parameters_by_lr_scale
 from sdxl_pivotal.checkpoints import complete_checkpoints
 from sdxl_pivotal.errors import InputError
-from sdxl_pivotal.formats import kohya_to_peft, save_diffusers_lora, save_kohya_lora
+from sdxl_pivotal.formats import diffusers_to_peft, kohya_to_peft, save_diffusers_lora, save_kohya_lora
 from sdxl_pivotal.formats.kohya import kohya_file_name, kohya_modules
 from sdxl_pivotal.formats.load import load_for_diffusers
 from sdxl_pivotal.formats.names import kohya_module_names, modules_by_kohya_name
@@ -256,7 +256,13 @@ def test_ia3_training_lowers_the_loss_loads_back_and_resumes_exactly(
     flags = (*IA3, "--train_text_encoder")
     out = run_training(tmp_path / "full", *flags, *STEPS, "--max_train_steps", "24")
     vectors = lora_file(out)
-    assert vectors and all(key.endswith(".ia3_l") for key in vectors)
+    with safe_open(str(out / "pytorch_lora_weights.safetensors"), framework="pt") as file:
+        metadata = file.metadata()
+    fresh = base_models(tiny_model, demo_images, tmp_path)
+    loras = diffusers_to_peft(vectors, metadata, fresh)
+    for part in PARTS:  # the trained modules are the target set
+        trained_modules = {key.removesuffix(".ia3_l") for key in loras[part].state}
+        assert trained_modules == set(expected_modules(fresh[part], part)), part
     still = {key for key, v in vectors.items() if torch.equal(v, torch.ones_like(v))}
     # SDXL reads CLIP-L's penultimate layer: its last layer gets no gradient (as a LoRA there stays at zero).
     assert still == {key for key in vectors if key.startswith("text_encoder.text_model.encoder.layers.3.")}, still
@@ -360,3 +366,22 @@ def test_merge_tool_fuses_ia3_into_the_pipeline(tiny_model, demo_images, tmp_pat
     assert_outputs_equal(outputs(merged), outputs(loaded), atol=1e-5)
     with pytest.raises(InputError, match="no scale to change"):
         merge_lora(path, tiny_model, tmp_path / "half", scale=0.5)
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_resume_ia3_exactly(tiny_model, demo_images, tmp_path):
+    """(IA)³ with pivotal tuning and per-block learning rates under DDP (2 CPU processes), resumed exactly."""
+    import shutil
+
+    from test_multiprocess import torchrun
+
+    flags = (*IA3, "--learning_rate", "3e-1", "--unet_block_lr", "mid=0.5")
+    full = tmp_path / "full"
+    assert "x 2 processes" in torchrun(full, tiny_model, demo_images, *flags).stderr
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
+    torchrun(resumed, tiny_model, demo_images, *flags, "--resume_from_checkpoint", "latest")
+    assert_same_tensors(lora_file(resumed), lora_file(full))
+    right = {key.replace(".resumed.", ".full."): v for key, v in load_file(resumed / "resumed.safetensors").items()}
+    assert_same_tensors(right, load_file(full / "full.safetensors"))
