@@ -287,7 +287,6 @@ def test_ia3_training_lowers_the_loss_loads_back_and_resumes_exactly(
     assert_same_tensors(load_file(tmp_path / "resumed" / kohya[0]), load_file(uninterrupted / kohya[1]))
 
 
-@pytest.mark.slow
 def test_pivotal_tuning_with_ia3(run_training, tiny_model, demo_images, tmp_path):
     flags = (*IA3, "--train_text_encoder_ti")
     out = run_training(tmp_path / "tok", *flags, *STEPS, "--max_train_steps", "3")
@@ -306,7 +305,6 @@ def test_pivotal_tuning_with_ia3(run_training, tiny_model, demo_images, tmp_path
     assert not torch.allclose(outputs(pipe, prompt)[0], outputs(untrained, prompt)[0], atol=1e-5), "UNet trained"
 
 
-@pytest.mark.slow
 def test_network_weights_continue_an_ia3_file(run_training, tiny_model, demo_images, tmp_path):
     """Both files of an (IA)³ run, loaded with --network_weights and saved after 0 steps, give the same files."""
     from test_kohya_parity import loaded_and_saved
