@@ -42,6 +42,8 @@ ROWS = {
         "4",
     ],
     "LoRA `--train_text_encoder` (UNet + both encoders)": ["--train_text_encoder"],
+    "(IA)³ `--adapter ia3`": ["--adapter", "ia3"],
+    "(IA)³ `--adapter ia3 --train_text_encoder`": ["--adapter", "ia3", "--train_text_encoder"],
 }
 
 

@@ -1,11 +1,18 @@
-"""Which modules get an adapter, of which family (LoRA, LoHa, LoKr), rank, alpha and learning-rate scale.
+"""Which modules get an adapter, of which family (LoRA, LoHa, LoKr, (IA)³), rank, alpha and learning-rate scale.
 
 The UNet's targets come from a preset (`--lora_target`) or a regex (`--lora_target_regex`), plus its convolutions
 with `--conv_rank` (kohya's LoCon / "C3Lier"), inside the blocks of `--lora_unet_blocks` / `--use_blora`. Per-block
 overrides (`--unet_block_ranks`, `--unet_block_conv_ranks`, `--unet_block_lr`) then set each module's rank and
 learning-rate scale; a module whose rank or scale is 0 gets no adapter. The result is one explicit `AdapterPlan`
 ({module path: rank, alpha, lr scale}) that becomes a PEFT config with `rank_pattern` / `alpha_pattern`, so PEFT
-builds the layers (LoHa, LoKr and DoRA are PEFT's own).
+builds the layers (LoHa, LoKr, DoRA and (IA)³ are PEFT's own).
+
+(IA)³ (`--adapter ia3`) learns one scaling vector per module, no rank or alpha: on the UNet the paper's keys, values
+and feed-forward (`to_k`, `to_v` scaled at their output, `ff.net.2` at its input), inside the blocks and at the
+learning-rate scales of the block flags; on the text encoders `k_proj`, and `out_proj` and `fc2` at their input.
+Scaling `out_proj`'s input is scaling `v_proj`'s output (the attention's weighted sum keeps each value channel), but
+without touching `v_proj`'s bias, which PEFT would scale and the UIs' (IA)³ would not: so the kohya file holds
+exactly what was trained.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoHaConfig, LoKrConfig, LoraConfig, PeftConfig
+from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PeftConfig
 
 from .args import BlockLrPreset, parse_block_values, parse_unet_blocks
 from .errors import InputError
@@ -27,6 +34,10 @@ UNET_ATTENTION_PROJECTIONS = ("to_k", "to_q", "to_v", "to_out.0")
 UNET_FEED_FORWARD = ("ff.net.0.proj", "ff.net.2")
 TEXT_ENCODER_ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
 BLORA_BLOCKS = "up_blocks.0.attentions.0,up_blocks.0.attentions.1"
+# (IA)³'s modules, and those of them scaled at their input (PEFT's "feedforward_modules").
+IA3_UNET_TARGETS = ("to_k", "to_v", "ff.net.2")
+IA3_TEXT_ENCODER_TARGETS = ("k_proj", "out_proj", "fc2")
+IA3_INPUT_SCALED = ("ff.net.2", "out_proj", "fc2")
 UNET_BLOCKS = ("down_blocks.", "mid_block.", "up_blocks.")
 # kohya's block-weight presets are curves over SDXL's 9 SAI input_blocks (or output_blocks).
 SAI_BLOCKS_PER_SIDE = 9
@@ -50,10 +61,11 @@ UNET_TARGET_PRESETS: dict[str, Callable[[str], bool]] = {
 
 @dataclass(frozen=True)
 class ModuleAdapter:
-    """One adapted module: its rank, its alpha (scale = alpha / rank) and its learning-rate multiplier."""
+    """One adapted module: its rank, its alpha (scale = alpha / rank) and its learning-rate multiplier; (IA)³ has
+    no rank or alpha (None)."""
 
-    rank: int
-    alpha: float
+    rank: int | None
+    alpha: float | None
     lr_scale: float = 1.0
 
 
@@ -71,6 +83,8 @@ def unet_adapter_plan(unet: torch.nn.Module, args: argparse.Namespace) -> Adapte
                 f"--lora_target_regex {args.lora_target_regex!r} matches no Linear or Conv2d module of the UNet "
                 f"(it must match a whole path, such as {linear[0]!r})."
             )
+    elif args.adapter == "ia3":
+        selected = [path for path in linear if _ends_with(IA3_UNET_TARGETS)(path)]
     else:
         selected = [path for path in linear if UNET_TARGET_PRESETS[args.lora_target](path)]
         if args.conv_rank:
@@ -92,6 +106,9 @@ def unet_adapter_plan(unet: torch.nn.Module, args: argparse.Namespace) -> Adapte
         lr_scale = lr_scales(path, 1.0)
         if rank == 0 or lr_scale == 0:
             continue  # kohya's convention: a block at rank 0 or learning rate 0 has no adapter
+        if args.adapter == "ia3":
+            plan[path] = ModuleAdapter(None, None, lr_scale)
+            continue
         # Per-block ranks keep the scale alpha / rank of the default, so a block's rank changes its capacity only.
         plan[path] = ModuleAdapter(rank, default_alpha * rank / default_rank, lr_scale)
     if not plan:
@@ -180,7 +197,11 @@ def sai_block_index(path: str, layers_per_block: int) -> int:
 
 def peft_config(args: argparse.Namespace, plan: AdapterPlan) -> PeftConfig:
     """The PEFT config of `--adapter` for the modules of `plan` (full paths, which PEFT matches exactly, or names):
-    the flags' rank and alpha, the others as patterns."""
+    the flags' rank and alpha, the others as patterns. (IA)³: the modules named in IA3_INPUT_SCALED scale their
+    input, the others their output; its vectors start at 1 (the base model)."""
+    if args.adapter == "ia3":
+        feedforward = [path for path in sorted(plan) if path.endswith(IA3_INPUT_SCALED)]
+        return IA3Config(target_modules=sorted(plan), feedforward_modules=feedforward, init_ia3_weights=True)
     ranks = {path: m.rank for path, m in plan.items() if m.rank != args.rank}
     alphas = {path: m.alpha for path, m in plan.items() if m.alpha != args.lora_alpha}
     common = dict(target_modules=sorted(plan), rank_pattern=ranks, alpha_pattern=alphas, r=args.rank)
@@ -214,12 +235,17 @@ def add_adapters(parts, args: argparse.Namespace) -> AdapterPlan:
         plan = unet_adapter_plan(parts.unet, args)
         parts.unet.add_adapter(peft_config(args, plan))
     if args.train_text_encoder:
-        # The text encoders' attention projections, by name: PEFT matches them in either transformers layout
-        # (with or without the `text_model.` level), so the files load in either.
-        attention = {name: ModuleAdapter(args.rank, args.lora_alpha) for name in TEXT_ENCODER_ATTENTION_PROJECTIONS}
+        # The text encoders' modules by name (the attention projections; (IA)³'s own): PEFT matches them in either
+        # transformers layout (with or without the `text_model.` level), so the files load in either.
+        if args.adapter == "ia3":
+            text_plan = {name: ModuleAdapter(None, None) for name in IA3_TEXT_ENCODER_TARGETS}
+        else:
+            text_plan = {
+                name: ModuleAdapter(args.rank, args.lora_alpha) for name in TEXT_ENCODER_ATTENTION_PROJECTIONS
+            }
         for part in ("text_encoder", "text_encoder_2"):
             if part not in loaded:
-                getattr(parts, part).add_adapter(peft_config(args, attention))
+                getattr(parts, part).add_adapter(peft_config(args, text_plan))
     return plan
 
 
@@ -250,12 +276,20 @@ def load_network_weights(parts, path: Path) -> set[str]:
 def loaded_unet_plan(unet: torch.nn.Module, args: argparse.Namespace) -> AdapterPlan:
     """The plan of the UNet's adapters as --network_weights attached them, with --unet_block_lr's scales (a block
     at learning rate 0 keeps the file's weights)."""
+    from peft.tuners.ia3 import IA3Layer
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    layers = {path: m for path, m in unet.named_modules() if isinstance(m, BaseTunerLayer) and m.r}
+    layers = {
+        path: m
+        for path, m in unet.named_modules()
+        if isinstance(m, BaseTunerLayer) and (isinstance(m, IA3Layer) or m.r)
+    }
     lr_scales = _block_values(args.unet_block_lr, "--unet_block_lr", list(layers), unet.config.layers_per_block)
     plan = {}
     for path, layer in layers.items():
+        if isinstance(layer, IA3Layer):
+            plan[path] = ModuleAdapter(None, None, lr_scales(path, 1.0))
+            continue
         rank = layer.r["default"]
         plan[path] = ModuleAdapter(rank, layer.scaling["default"] * rank, lr_scales(path, 1.0))
     return plan

@@ -28,7 +28,7 @@ LR_SCHEDULERS = (
     "constant_with_warmup",
     "piecewise_constant",
 )
-ADAPTERS = ("lora", "loha", "lokr")
+ADAPTERS = ("lora", "loha", "lokr", "ia3")
 LORA_TARGETS = ("attn", "attn_ff", "all_linear")
 # kohya's --max_token_length: captions in one, two or three 75-token chunks (see prompts.py).
 MAX_TOKEN_LENGTHS = (75, 150, 225)
@@ -171,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     g = parser.add_argument_group("LoRA")
-    g.add_argument("--adapter", default="lora", choices=ADAPTERS, help="(ours) adapter family: LoRA, LoHa or LoKr")
+    g.add_argument(
+        "--adapter", default="lora", choices=ADAPTERS, help="(ours) adapter family: LoRA, LoHa, LoKr or (IA)³"
+    )
     g.add_argument("--rank", type=int, default=4, help="LoRA rank (LoHa/LoKr: their rank)")
     g.add_argument("--lora_alpha", type=float, default=None, help="(ours) alpha (scale alpha/rank); default: the rank")
     g.add_argument("--lora_dropout", type=float, default=0.0, help="LoRA dropout")
@@ -566,7 +568,26 @@ def _validate_packages(args: argparse.Namespace) -> None:
             raise InputError(f"{flag} needs the {module} package, which is not installed: {fix}.")
 
 
+# Flags that shape low-rank adapters and have no meaning for (IA)³'s scaling vectors: {flag: why}.
+IA3_INAPPLICABLE = {
+    "rank": "has no rank",
+    "lora_alpha": "has no alpha",
+    "lora_dropout": "has no dropout",
+    "lora_target": "adapts its own modules (to_k, to_v, ff.net.2); choose blocks with --lora_unet_blocks",
+    "lora_target_regex": "adapts its own modules (to_k, to_v, ff.net.2); choose blocks with --lora_unet_blocks",
+    "conv_rank": "adapts no convolutions",
+    "conv_alpha": "adapts no convolutions",
+    "unet_block_ranks": "has no rank; choose blocks with --lora_unet_blocks",
+    "unet_block_conv_ranks": "adapts no convolutions",
+}
+
+
 def _validate_adapter_flags(args: argparse.Namespace) -> None:
+    if args.adapter == "ia3":
+        defaults = build_parser()
+        for flag, why in IA3_INAPPLICABLE.items():
+            if getattr(args, flag) != defaults.get_default(flag):
+                raise InputError(f"--{flag} does not apply to --adapter ia3: (IA)³ {why}. Drop --{flag}.")
     lycoris = args.adapter in ("loha", "lokr")
     if args.use_dora and args.adapter != "lora":
         raise InputError(

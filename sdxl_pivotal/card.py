@@ -106,9 +106,9 @@ def our_loading_code(
     args: argparse.Namespace, tokens: PivotalTokens | None, repo_id: str | None
 ) -> tuple[list[str], list[str]]:
     """(imports, lines) loading the run's files with `load_for_diffusers`, for files diffusers alone does not load
-    exactly (LoHa, LoKr; DoRA in the text encoders)."""
+    exactly (LoHa, LoKr, (IA)³; DoRA in the text encoders)."""
     reason = (
-        "diffusers' load_lora_weights reads no LoHa or LoKr"
+        "diffusers' load_lora_weights reads no LoHa, LoKr or (IA)³"
         if args.adapter != "lora"
         else "diffusers' load_lora_weights drops the text encoders' DoRA magnitudes"
     )
@@ -142,7 +142,8 @@ def long_prompts_note(args: argparse.Namespace) -> str:
 
 def ui_instructions(args: argparse.Namespace, tokens: PivotalTokens | None) -> str:
     """What AUTOMATIC1111, Forge and ComfyUI each do with the run's kohya file and embeddings: folders, trigger
-    words, and what each does not do (A1111's DoRA, Forge's bundled embeddings, ComfyUI's "lora key not loaded")."""
+    words, and what each does not do (A1111's DoRA, Forge's bundled embeddings, ComfyUI's "lora key not loaded",
+    (IA)³ in Forge and ComfyUI)."""
     from .formats.kohya import embedding_name, kohya_file_name
 
     name = output_name(args.output_dir)
@@ -188,7 +189,14 @@ def ui_instructions(args: argparse.Namespace, tokens: PivotalTokens | None) -> s
             f"(`bundle_emb.{embedding_name(name)}.clip_l`, `.clip_g`); that is harmless."
         )
     comfy += f" Prompt: `{trigger(f'embedding:{emb_name}')}`"
-    if args.use_dora:
+    if args.adapter == "ia3":
+        # Forge's and ComfyUI's loaders (comfy/lora.py, comfy/weight_adapter) have no (IA)³.
+        forge = '**does not load (IA)³:** its loader reads none of the file\'s tensors ("LoRA version mismatch").'
+        comfy = '**does not load (IA)³:** it has no (IA)³ loader and prints "lora key not loaded" for every tensor.'
+        applied = (
+            "AUTOMATIC1111 applies the trained (IA)³ exactly (its LyCORIS loader); Forge and ComfyUI do not load it"
+        )
+    elif args.use_dora:
         applied = "Forge and ComfyUI apply this model's DoRA exactly (at strength 1); AUTOMATIC1111 does not"
     else:
         applied = "all three apply the trained weights"

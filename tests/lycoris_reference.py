@@ -2,7 +2,8 @@
 published formulas (LyCORIS; the loaders of AUTOMATIC1111 and ComfyUI), independent of PEFT and of the exporter.
 
 Every function takes one module's tensors (names relative to the module, as in the file) and the shape of the
-base weight, and returns ΔW, the change the loaders add to the base weight at strength 1.
+base weight, and returns ΔW, the change the loaders add to the base weight at strength 1; (IA)³'s change depends on
+the base weight itself, so `ia3_weight` takes it and returns the weight the loader computes.
 """
 
 from __future__ import annotations
@@ -98,3 +99,10 @@ def comfyui_weight(tensors: dict[str, torch.Tensor], weight: torch.Tensor) -> to
         return merged
     norms = weight.reshape(weight.shape[0], -1).norm(dim=1).reshape(-1, *[1] * (weight.dim() - 1))
     return merged * tensors["dora_scale"].double() / norms
+
+
+def ia3_weight(tensors: dict[str, torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
+    """(IA)³ as AUTOMATIC1111 applies LyCORIS' tensors (network_ia3.py): W + W ⊙ w, with the vector w over the input
+    columns where `on_input` is 1, else over the output rows; the layer's bias is left as it is."""
+    w, weight = tensors["weight"].double(), weight.double()
+    return weight + weight * (w if int(tensors["on_input"]) else w.reshape(-1, 1))

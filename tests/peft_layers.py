@@ -1,4 +1,4 @@
-"""Test helper: a model's PEFT adapter layers (LoRA, LoHa, LoKr) by module path."""
+"""Test helper: a model's PEFT adapter layers (LoRA, LoHa, LoKr, (IA)³) by module path."""
 
 from __future__ import annotations
 
@@ -11,5 +11,5 @@ def adapter_layers(model: torch.nn.Module, adapter: str = "default") -> dict[str
     return {
         path: module
         for path, module in model.named_modules()
-        if isinstance(module, BaseTunerLayer) and adapter in getattr(module, "scaling", {})
+        if isinstance(module, BaseTunerLayer) and adapter in getattr(module, "scaling", getattr(module, "ia3_l", {}))
     }

@@ -20,6 +20,7 @@ FAMILIES = {
     "dora": ("--use_dora",),
     "loha": ("--adapter", "loha"),
     "lokr": ("--adapter", "lokr"),
+    "ia3": ("--adapter", "ia3"),
 }
 TEXT = {"unet only": (), "text encoders": ("--train_text_encoder",), "pivotal": ("--train_text_encoder_ti",)}
 STEP = ("--max_train_steps", "1", "--checkpointing_steps", "1", "--learning_rate", "1e-2", "--text_encoder_lr", "1e-1")

@@ -87,7 +87,7 @@ def _peft_keys(part: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.
         convert_unet_state_dict_to_peft,
     )
 
-    with contextlib.suppress(ValueError):  # PEFT's own names (LoRA, LoHa, LoKr): nothing to convert
+    with contextlib.suppress(ValueError):  # PEFT's own names (LoRA, LoHa, LoKr, (IA)³): nothing to convert
         peft_modules(state)
         return dict(state)
     if part == "unet":
@@ -114,8 +114,8 @@ def save_diffusers_peft(path: Path, loras: Mapping[str, PeftLora]) -> Path:
     """Write `loras` ({part: PeftLora}) as a diffusers LoRA file at `path` (atomically), each part's config in the
     metadata, as `export.save_diffusers_lora` writes the trainer's.
 
-    The tensors keep PEFT's names, which diffusers' loaders read as they are (for LoRA; LoHa and LoKr files load
-    with `load_for_diffusers` or PEFT). (`convert_state_dict_to_diffusers`
+    The tensors keep PEFT's names, which diffusers' loaders read as they are (for LoRA; LoHa, LoKr and (IA)³ files
+    load with `load_for_diffusers` or PEFT). (`convert_state_dict_to_diffusers`
     renames only attention projections; a UNet LoRA that also adapts other layers then mixes `lora.down` and
     `lora_A` names, and diffusers' UNet loader, which looks at the first key only, leaves the renamed ones unloaded.)
     """
@@ -143,9 +143,10 @@ def config_metadata(part: str, config: PeftConfig) -> dict:
     entries = {key: sorted(value) if isinstance(value, set) else value for key, value in config.to_dict().items()}
     if part not in TEXT_ENCODER_PARTS:
         return entries
-    for key in ("target_modules", "exclude_modules"):
+    for key in ("target_modules", "exclude_modules", "feedforward_modules"):  # the last: (IA)³'s
         if isinstance(entries.get(key), list):
             entries[key] = sorted(layout_free_clip_pattern(name) for name in entries[key])
-    for key in ("rank_pattern", "alpha_pattern"):
-        entries[key] = {layout_free_clip_pattern(name): value for name, value in (entries.get(key) or {}).items()}
+    for key in ("rank_pattern", "alpha_pattern"):  # not in (IA)³'s config
+        if key in entries:
+            entries[key] = {layout_free_clip_pattern(name): value for name, value in (entries[key] or {}).items()}
     return entries

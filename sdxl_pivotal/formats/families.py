@@ -14,6 +14,9 @@ dimension as they read it from a tensor's shape; so we write `alpha = scale x di
   A convolution's Tucker form (`lokr_t2`, `--use_effective_conv2d`) is written untucked, as the plain low-rank
   `lokr_w2_a [out, r] @ lokr_w2_b [r, in x kh x kw]` of the same product: ComfyUI and Forge fail on every
   `lokr_t2` module (`torch.kron` of their non-contiguous Tucker rebuild raises, and they skip the module).
+- (IA)³: PEFT's `ia3_l` is the scaling vector l itself ([1, in]: it scales the input, a feed-forward module;
+  [out, 1]: the output); LyCORIS' `weight` holds l - 1 and `on_input` the side (AUTOMATIC1111 computes
+  W + W ⊙ weight, at scale 1: no rank, no alpha). Linear layers only.
 """
 
 from __future__ import annotations
@@ -27,16 +30,16 @@ from peft import PeftConfig
 
 Tensors = dict[str, torch.Tensor]
 
-_PEFT_TENSOR = re.compile(r"^(.*)\.((?:lora_|hada_|lokr_)\w+(?:\.weight|\.bias)?)$")
+_PEFT_TENSOR = re.compile(r"^(.*)\.((?:lora_|hada_|lokr_|ia3_)\w+(?:\.weight|\.bias)?)$")
 
 
 def peft_modules(state: Mapping[str, torch.Tensor]) -> dict[str, Tensors]:
-    """A PEFT state by module: {path: {"lora_A.weight": ..., ...}} (or "hada_w1_a", "lokr_w1", ...)."""
+    """A PEFT state by module: {path: {"lora_A.weight": ..., ...}} (or "hada_w1_a", "lokr_w1", "ia3_l", ...)."""
     modules: dict[str, Tensors] = {}
     for key, value in state.items():
         match = _PEFT_TENSOR.match(key)
         if match is None:
-            raise ValueError(f"{key} is not a LoRA, LoHa or LoKr tensor of PEFT.")
+            raise ValueError(f"{key} is not a LoRA, LoHa, LoKr or (IA)³ tensor of PEFT.")
         modules.setdefault(match.group(1), {})[match.group(2)] = value
     return modules
 
@@ -121,32 +124,53 @@ def lokr_from_kohya(kohya: Tensors) -> tuple[Tensors, int, float]:
     return peft, rank, float(rank)
 
 
+def ia3_to_kohya(peft: Tensors, scale: float) -> Tensors:
+    """`scale` is 1: PEFT's (IA)³ has none."""
+    vector = peft["ia3_l"]
+    if vector.dim() != 2:
+        raise ValueError("(IA)³ of a convolution has no kohya form here (LyCORIS' differs in shape); Linear only.")
+    on_input = vector.shape[0] == 1  # [1, in]: a feed-forward module, scaled at its input
+    return {"weight": vector.flatten() - 1, "on_input": torch.tensor(int(on_input))}
+
+
+def ia3_from_kohya(kohya: Tensors) -> tuple[Tensors, None, None]:
+    weight = kohya["weight"]
+    if weight.dim() != 1 or "on_input" not in kohya:
+        raise ValueError(
+            f"(IA)³ tensors weight {tuple(weight.shape)} / on_input are not of a Linear layer's (IA)³ (LyCORIS' "
+            "`weight` [features] and `on_input`); convolutions are not read."
+        )
+    shape = (1, -1) if int(kohya["on_input"]) else (-1, 1)
+    return {"ia3_l": (weight + 1).reshape(shape)}, None, None
+
+
 @dataclass(frozen=True)
 class Family:
-    """An adapter family: its `--adapter` name, LyCORIS' `algo`, the tensor-name prefix that marks it in both
-    forms, and its two conversions."""
+    """An adapter family: its `--adapter` name, LyCORIS' `algo`, the starts of the tensor names that mark it in
+    either form, and its two conversions (`from_kohya` gives the tensors, rank and alpha; (IA)³ has neither)."""
 
     name: str
     algo: str
-    prefix: str
+    marks: tuple[str, ...]
     to_kohya: Callable[[Tensors, float], Tensors]
-    from_kohya: Callable[[Tensors], tuple[Tensors, int, float]]
+    from_kohya: Callable[[Tensors], tuple[Tensors, int | None, float | None]]
 
 
 FAMILIES = {
-    "lora": Family("lora", "lora", "lora_", lora_to_kohya, lora_from_kohya),
-    "loha": Family("loha", "loha", "hada_", loha_to_kohya, loha_from_kohya),
-    "lokr": Family("lokr", "lokr", "lokr_", lokr_to_kohya, lokr_from_kohya),
+    "lora": Family("lora", "lora", ("lora_",), lora_to_kohya, lora_from_kohya),
+    "loha": Family("loha", "loha", ("hada_",), loha_to_kohya, loha_from_kohya),
+    "lokr": Family("lokr", "lokr", ("lokr_",), lokr_to_kohya, lokr_from_kohya),
+    "ia3": Family("ia3", "ia3", ("ia3_", "on_input"), ia3_to_kohya, ia3_from_kohya),
 }
-PEFT_TYPES = {"LORA": "lora", "LOHA": "loha", "LOKR": "lokr"}
+PEFT_TYPES = {"LORA": "lora", "LOHA": "loha", "LOKR": "lokr", "IA3": "ia3"}
 
 
 def family_of(tensors: Mapping[str, torch.Tensor]) -> Family:
     """The family of one module's tensors, in either form."""
     for family in FAMILIES.values():
-        if any(key.startswith(family.prefix) for key in tensors):
+        if any(key.startswith(family.marks) for key in tensors):
             return family
-    raise ValueError(f"tensors {', '.join(sorted(tensors))} are not of a LoRA, LoHa or LoKr module.")
+    raise ValueError(f"tensors {', '.join(sorted(tensors))} are not of a LoRA, LoHa, LoKr or (IA)³ module.")
 
 
 @dataclass

@@ -11,6 +11,10 @@ d = m ⊙ ‖W‖ / ‖W + ΔW‖, computed from the base weights, which they th
 `DORA_FORM_KEY`). AUTOMATIC1111 normalises over input channels only: no per-input magnitude gives PEFT's result,
 so DoRA files are not for A1111 (the README and model card say so).
 
+(IA)³: AUTOMATIC1111 reads LyCORIS' (IA)³ (`weight`, `on_input`) and scales the weight only, where PEFT scales an
+output-scaled module's bias too; the two agree on input-scaled modules, modules without a bias and attention keys,
+and a module outside these has no kohya form (`check_ia3_module`). ComfyUI and Forge read no (IA)³.
+
 `kohya_to_peft` reads such a file back into PEFT state dicts and configs for our models; `peft_to_kohya` goes the
 other way.
 """
@@ -25,7 +29,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from peft import LoHaConfig, LoKrConfig, LoraConfig, PeftConfig
+from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PeftConfig
 
 from ..checkpoints import OPTIMIZER_FILE, PARAMS_FILE
 from ..errors import InputError
@@ -41,6 +45,8 @@ BASE_MODEL_METADATA_KEY = "sdxl_pivotal.base_model"
 DORA_FORM_KEY = "sdxl_pivotal.dora_scale"
 # LoKr's factorisation options, which PEFT needs to rebuild the same factor shapes.
 LOKR_OPTIONS_KEY = "sdxl_pivotal.lokr"
+# Module names whose (IA)³ output scaling needs no bias scaling: attention keys (see `check_ia3_module`).
+IA3_BIAS_FREE_OUTPUTS = ("to_k", "k_proj")
 # Files of the output folder and of checkpoints that a kohya file named after the run must not replace.
 _TAKEN_FILE_NAMES = (LORA_WEIGHTS_NAME, PARAMS_FILE, OPTIMIZER_FILE)
 
@@ -98,13 +104,13 @@ def kohya_state_metadata(
         family = family_of(tensors)
         _, rank, alpha = family.from_kohya(tensors)
         is_conv = any(value.dim() == 4 and value.shape[-1] > 1 for value in tensors.values())
-        (conv if is_conv else linear)[(rank, alpha)] += 1
+        if rank is not None:  # (IA)³ has no rank or alpha
+            (conv if is_conv else linear)[(rank, alpha)] += 1
         families.add(family.algo)
         dora = dora or "dora_scale" in tensors
     if len(families) != 1:
         raise ValueError(f"A kohya file holds one adapter family, not {sorted(families)}.")
     (algo,) = families
-    rank, alpha = (linear or conv).most_common(1)[0][0]
     network_args = {"algo": algo}
     if conv:
         network_args |= dict(zip(("conv_dim", "conv_alpha"), map(str, conv.most_common(1)[0][0]), strict=True))
@@ -114,8 +120,6 @@ def kohya_state_metadata(
     metadata = {
         "ss_base_model_version": "sdxl_base_v1-0",
         "ss_network_module": "networks.lora" if kohya_lora else "lycoris.kohya",
-        "ss_network_dim": str(rank),
-        "ss_network_alpha": str(alpha),
         "ss_network_args": json.dumps(network_args),
         "ss_output_name": name,
         "ss_sd_model_name": base_model,
@@ -126,6 +130,9 @@ def kohya_state_metadata(
         "modelspec.title": name,
         BASE_MODEL_METADATA_KEY: base_model,
     }
+    if linear or conv:
+        rank, alpha = (linear or conv).most_common(1)[0][0]
+        metadata |= {"ss_network_dim": str(rank), "ss_network_alpha": str(alpha)}
     if tokens is not None:
         metadata[TOKENS_METADATA_KEY] = json.dumps(tokens.by_abstraction)
         trigger = embedding_name(name) if bundled else tokens.substitute(" ".join(tokens.by_abstraction))
@@ -202,10 +209,27 @@ def lora_product(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return (up.flatten(1) @ down.flatten(1)) * (alpha / rank)
 
 
-def _base_weight(model: torch.nn.Module, path: str) -> torch.Tensor:
+def _base_layer(model: torch.nn.Module, path: str) -> torch.nn.Module:
     module = model.get_submodule(path)
-    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-    return base.weight.detach()
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+
+
+def _base_weight(model: torch.nn.Module, path: str) -> torch.Tensor:
+    return _base_layer(model, path).weight.detach()
+
+
+def check_ia3_module(model: torch.nn.Module, path: str, on_input: bool) -> None:
+    """Raise ValueError where PEFT's (IA)³ and AUTOMATIC1111's / LyCORIS' differ on the module `path` of `model`:
+    PEFT scales an output-scaled module's bias with its weight, they scale the weight only. They agree on an
+    input-scaled module, on one without a bias, and on attention keys (a key bias adds the same amount to every
+    score of a query, which softmax ignores)."""
+    if on_input or _base_layer(model, path).bias is None or path.endswith(IA3_BIAS_FREE_OUTPUTS):
+        return
+    raise ValueError(
+        f"{path}: (IA)³ at the output of a layer with a bias has no kohya form (AUTOMATIC1111 and LyCORIS leave "
+        "the bias unscaled, PEFT scales it). Scale the next layer's input instead (v_proj's output is out_proj's "
+        "input), as this trainer does."
+    )
 
 
 def _row_norms(weight: torch.Tensor) -> torch.Tensor:
@@ -229,6 +253,8 @@ def kohya_to_peft(
         if module not in index:
             raise ValueError(f"No module of {', '.join(models)} has the kohya name {module}.")
         part, path = index[module]
+        if family_of(tensors).name == "ia3":
+            check_ia3_module(models[part], path, bool(int(tensors["on_input"])))
         by_part.setdefault(part, {})[path] = tensors
     options = json.loads(metadata.get(LOKR_OPTIONS_KEY, "{}"))
     return {part: _peft_lora(modules, options) for part, modules in by_part.items()}
@@ -250,14 +276,18 @@ def peft_to_kohya(loras: Mapping[str, PeftLora], models: Mapping[str, torch.nn.M
     for part, lora in loras.items():
         family = FAMILIES[PEFT_TYPES[lora.config.peft_type.value]]
         names = {
-            canonical_module_path(part, path): name for path, name in kohya_module_names(part, models[part]).items()
+            canonical_module_path(part, path): (path, name)
+            for path, name in kohya_module_names(part, models[part]).items()
         }
         for path, tensors in peft_modules(lora.state).items():
-            name = names.get(canonical_module_path(part, path))
-            if name is None:
+            entry = names.get(canonical_module_path(part, path))
+            if entry is None:
                 raise ValueError(f"{part}.{path} has no kohya name (not a module of this model's SAI layout).")
+            model_path, name = entry
             try:
                 module = family.to_kohya(tensors, module_scale(lora.config, path))
+                if family.name == "ia3":
+                    check_ia3_module(models[part], model_path, bool(int(module["on_input"])))
             except ValueError as error:
                 raise ValueError(f"{part}.{path}: {error}") from None
             state |= {f"{name}.{key}": value for key, value in module.items()}
@@ -266,9 +296,11 @@ def peft_to_kohya(loras: Mapping[str, PeftLora], models: Mapping[str, torch.nn.M
 
 def module_scale(config: PeftConfig, path: str) -> float:
     """The factor PEFT multiplies the module `path`'s product by: alpha / rank (rsLoRA: alpha / sqrt(rank)), each
-    from the config's patterns as PEFT matches them."""
+    from the config's patterns as PEFT matches them; 1 for (IA)³, which scales by its vector alone."""
     from peft.utils.other import get_pattern_key
 
+    if isinstance(config, IA3Config):
+        return 1.0
     rank = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), path), config.r)
     default_alpha = config.lora_alpha if isinstance(config, LoraConfig) else config.alpha
     alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), path), default_alpha)
@@ -279,7 +311,7 @@ def module_scale(config: PeftConfig, path: str) -> float:
 
 def _peft_lora(modules: Mapping[str, Tensors], options: Mapping[str, object]) -> PeftLora:
     """{module path: its kohya tensors} -> PEFT state and config (the most common rank and alpha, the
-    others as patterns)."""
+    others as patterns; (IA)³: the modules scaled at their input as feed-forward ones)."""
     state, ranks, alphas, dora, families = {}, {}, {}, set(), set()
     for path, tensors in modules.items():
         family = family_of(tensors)
@@ -290,6 +322,9 @@ def _peft_lora(modules: Mapping[str, Tensors], options: Mapping[str, object]) ->
             dora.add(path)
     if len(families) > 1:
         raise ValueError(f"Modules of several adapter families ({', '.join(sorted(families))}) in one model.")
+    if families == {"ia3"}:
+        feedforward = sorted(path for path, tensors in modules.items() if int(tensors["on_input"]))
+        return PeftLora(state, IA3Config(target_modules=sorted(modules), feedforward_modules=feedforward))
     if dora and dora != set(modules):
         raise ValueError("DoRA on only some modules has no single PEFT config.")
     rank = Counter(ranks.values()).most_common(1)[0][0]

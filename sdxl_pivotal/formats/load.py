@@ -2,9 +2,9 @@
 
 diffusers' `load_lora_weights` refuses a kohya file with bundled embeddings (`bundle_emb.*` keys), drops a kohya
 file's DoRA magnitudes (`dora_scale`) and per-module alphas, and, with transformers 5, leaves the text encoders'
-DoRA magnitudes of any file at their initial values; it reads no LoHa or LoKr. Here every file becomes PEFT state
-with its exact config (a kohya file through `kohya_to_peft`); LoRA goes to diffusers' per-model loaders, LoHa and
-LoKr to PEFT; embeddings (bundled, or an `_emb` file) go through `load_textual_inversion` for both encoders.
+DoRA magnitudes of any file at their initial values; it reads no LoHa, LoKr or (IA)³. Here every file becomes PEFT
+state with its exact config (a kohya file through `kohya_to_peft`); LoRA goes to diffusers' per-model loaders, LoHa,
+LoKr and (IA)³ to PEFT; embeddings (bundled, or an `_emb` file) go through `load_textual_inversion` for both encoders.
 Text-encoder module paths of either transformers layout (with or without `text_model.`) are mapped onto the
 installed one.
 
@@ -105,7 +105,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
 def diffusers_reads_exactly(path: Path) -> bool:
     """Whether diffusers' `load_lora_weights` gives our diffusers LoRA file at `path` the weights
     `load_for_diffusers` gives it: LoRA (with or without DoRA) in every part, but no DoRA in a text encoder
-    (transformers 5's `load_adapter` leaves those magnitudes at their initial values); not LoHa or LoKr, which
+    (transformers 5's `load_adapter` leaves those magnitudes at their initial values); not LoHa, LoKr or (IA)³, which
     diffusers does not read."""
     with safe_open(str(path), framework="pt") as file:
         configs = diffusers_lora_metadata(file.metadata() or {}) or {}
@@ -120,7 +120,7 @@ def diffusers_reads_exactly(path: Path) -> bool:
 
 def load_adapters(pipe, loras: Mapping[str, PeftLora], adapter_name: str | None) -> None:
     """Load PEFT adapters ({part: PeftLora}) into `pipe`: LoRA through diffusers' loaders, as `load_lora_weights`
-    does (so `set_adapters` and `fuse_lora` know it); LoHa and LoKr, which diffusers' loaders do not read, with
+    does (so `set_adapters` and `fuse_lora` know it); LoHa, LoKr and (IA)³, which diffusers' loaders do not read, with
     PEFT directly.
 
     transformers 5's `load_adapter` drops a bare `x.lora_magnitude_vector` (DoRA's magnitudes would keep their

@@ -30,12 +30,20 @@ SECRET_KEY = re.compile(r"secret|passw|api[_-]?key|auth|credential|(^|[._-])(hf_
 SECRET_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{20,}")
 PARTS_ORDER = (*KOHYA_PREFIXES, "other")
 # LyCORIS algorithms other than LoRA / LoCon, by the start of their tensor names.
-LYCORIS_KINDS = {"lora_": "LoRA", "hada_": "LoHa", "lokr_": "LoKr", "oft_": "OFT", "diff": "full difference"}
+LYCORIS_KINDS = {
+    "lora_": "LoRA",
+    "hada_": "LoHa",
+    "lokr_": "LoKr",
+    "on_input": "(IA)³",
+    "oft_": "OFT",
+    "diff": "full difference",
+}
 
 
 @dataclass(frozen=True)
 class ModuleInfo:
-    """One adapted module: its pipeline part, its kind (LoRA or a LyCORIS algorithm), rank, alpha, DoRA."""
+    """One adapted module: its pipeline part, its kind (LoRA or a LyCORIS algorithm), rank, alpha, DoRA (rank and
+    alpha None for kinds without them: (IA)³, and those PEFT does not train)."""
 
     part: str
     kind: str
@@ -117,6 +125,8 @@ def format_label(file_format: str, modules: list[ModuleInfo], metadata: Mapping[
         return f"diffusers (PEFT{' with DoRA' if dora else ''}; {configs})"
     lycoris = sorted({module.kind for module in modules} - {"LoRA"}) + (["DoRA"] if dora else [])
     label = f"kohya (LyCORIS: {', '.join(lycoris)})" if lycoris else "kohya"
+    if "(IA)³" in lycoris:
+        return f"{label}, for AUTOMATIC1111 (ComfyUI and Forge read no (IA)³)"
     return f"{label}, for AUTOMATIC1111 / ComfyUI"
 
 
@@ -127,11 +137,11 @@ def module_lines(modules: list[ModuleInfo]) -> list[str]:
         own = [module for module in modules if module.part == part]
         kinds = ", ".join(f"{count} {kind}" for kind, count in Counter(module.kind for module in own).items())
         line = f"{part}: {len(own)} modules ({kinds})"
-        ranks = Counter(module.rank for module in own if module.rank is not None)
-        if ranks:
-            line += f"; rank {distinct(ranks)}"
-        alphas = Counter("none (= rank)" if module.alpha is None else f"{module.alpha:g}" for module in own)
-        line += f"; alpha {distinct(alphas)}"
+        ranked = [module for module in own if module.rank is not None]
+        if ranked:
+            line += f"; rank {distinct(Counter(module.rank for module in ranked))}"
+            alphas = Counter("none (= rank)" if module.alpha is None else f"{module.alpha:g}" for module in ranked)
+            line += f"; alpha {distinct(alphas)}"
         dora = sum(module.dora for module in own)
         lines.append(line + (f"; DoRA on {dora}" if dora else ""))
     return lines

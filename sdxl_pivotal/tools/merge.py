@@ -3,7 +3,7 @@
 LORA is any file this trainer writes (diffusers, kohya with or without bundled embeddings), or a run's output
 folder or checkpoint (its LoRA and `_emb` file), loaded as `load_for_diffusers` loads it (exact alpha, DoRA,
 embeddings); --embeddings adds an `_emb` file. --scale multiplies the LoRA's update, as loading it with
-`pipe.set_adapters(name, scale)` does.
+`pipe.set_adapters(name, scale)` does ((IA)³, whose vectors multiply features, has no such scale: 1 only).
 
 --format diffusers (the default for any other --output) saves a diffusers pipeline folder: the new tokens of
 pivotal tuning stay in both tokenizers and text encoders, so prompt it with them (`<s0><s1>`), as with the LoRA.
@@ -109,6 +109,10 @@ def merge_lora(
         tokens = load_for_diffusers(pipe, lora, adapter_name=ADAPTER)
         if embeddings is not None:
             tokens += load_for_diffusers(pipe, existing_file(embeddings))
+    if scale != 1.0 and has_ia3(pipe):
+        raise InputError(
+            f"{lora}: (IA)³ vectors have no scale to change (they multiply features); merge at --scale 1."
+        )
     if any(ADAPTER in adapters for adapters in pipe.get_list_adapters().values()):
         pipe.fuse_lora(lora_scale=scale, adapter_names=[ADAPTER])
         pipe.unload_lora_weights()
@@ -127,3 +131,11 @@ def save_single_file(pipe, tokens: list[str], output: Path) -> None:
     if tokens:
         save_safetensors(new_token_embeddings(pipe, tokens), embeddings_path(output))
     save_safetensors(sgm_state_dict(pipe, len(tokens)), output)
+
+
+def has_ia3(pipe) -> bool:
+    """Whether (IA)³ layers were loaded into the pipeline's models."""
+    from peft.tuners.ia3 import IA3Layer
+
+    models = (pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
+    return any(isinstance(module, IA3Layer) for model in models for module in model.modules())
