@@ -6,6 +6,7 @@ same truncation of an ordinary LoRA trained alike, resume is exact, and the flag
 
 from __future__ import annotations
 
+from argparse import Namespace
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from test_formats import assert_outputs_equal, fresh_pipeline, outputs
 from test_training import base_args, eval_loss, pipeline_parts
 
 from sdxl_pivotal.args import parse_args
+from sdxl_pivotal.card import dylora_section
 from sdxl_pivotal.dylora import NestedRanks
 from sdxl_pivotal.errors import InputError
 from sdxl_pivotal.formats import load_for_diffusers
@@ -283,3 +285,28 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(run_training, tmp_path
     assert any(not torch.equal(plain[key], value) for key, value in lora_file(uninterrupted).items()), (
         "DyLoRA trains truncations, not the plain LoRA"
     )
+
+
+def test_model_card_says_how_to_get_the_smaller_ranks(dylora_run, tiny_model):
+    card = (dylora_run / "README.md").read_text()
+    section = card.split("## Smaller ranks (DyLoRA)\n")[1].split("\n## ")[0]
+    assert "an ordinary LoRA of rank\n16" in section and "leading ranks 4, 8, 12, ..." in section
+    assert f"`python -m sdxl_pivotal.tools extract-dylora tok-toy --unit 4 --base {tiny_model}`" in section
+    assert "`tok-toy-r4.safetensors`" in section and "`pytorch_lora_weights-r4.safetensors`" in section
+    assert dylora_section(Namespace(adapter="lora")) == "", "only DyLoRA runs have the section"
+
+
+def test_extract_from_a_checkpoint_keeps_the_bundled_embeddings(run_training, tmp_path):
+    flags = ("--train_text_encoder_ti", "--max_train_steps", "1", "--checkpointing_steps", "1")
+    out = run_training(tmp_path / "tok-toy", *DYLORA, *flags)
+    checkpoint = out / "checkpoint-1"
+    written = extract_dylora(checkpoint, UNIT, tmp_path / "ranks")
+    assert sorted(path.name for path in written) == sorted(
+        f"{name}-r{rank}.safetensors" for name in ("tok-toy", "pytorch_lora_weights") for rank in RANKS
+    )
+    trained = load_file(checkpoint / "tok-toy.safetensors")
+    bundled = [key for key in trained if key.startswith("bundle_emb.")]
+    assert bundled
+    for rank in RANKS:
+        cut = load_file(tmp_path / "ranks" / f"tok-toy-r{rank}.safetensors")
+        assert all(torch.equal(cut[key], trained[key]) for key in bundled)
