@@ -6,6 +6,7 @@ same truncation of an ordinary LoRA trained alike, resume is exact, and the flag
 
 from __future__ import annotations
 
+import contextlib
 from argparse import Namespace
 from pathlib import Path
 
@@ -93,6 +94,23 @@ def test_truncation_applies_the_leading_ranks_at_alpha_over_b_and_trains_only_th
     torch.testing.assert_close(model.conv(x_conv), full[1])
     with torch.no_grad():
         torch.testing.assert_close(full[0], by_formula(model.linear, x_linear, 8, 6.0), rtol=1e-5, atol=1e-6)
+
+
+def test_one_compilation_follows_every_truncation():
+    """The masks change in place, so `torch.compile` (as `--compile` uses it) compiles a layer once and still
+    applies each step's truncation."""
+    from torch._dynamo.testing import CompileCounter
+
+    model, nested = nested_layers()
+    x = torch.randn(3, 6)
+    counter = CompileCounter()
+    compiled = torch.compile(model.linear, backend=counter)
+    for rank in (*nested.ranks, 2, None):
+        with nested.truncated(rank) if rank else contextlib.nullcontext():
+            y = compiled(x)
+        with torch.no_grad():
+            torch.testing.assert_close(y, by_formula(model.linear, x, rank or 8, 6.0), rtol=1e-5, atol=1e-6)
+    assert counter.frame_count == 1
 
 
 def test_each_step_trains_one_rank_from_the_seed_and_the_step():
