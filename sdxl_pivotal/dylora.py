@@ -26,7 +26,7 @@ checkpoints and the saved files see the ordinary full-rank LoRA.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +45,9 @@ class NestedLayer:
     mask: torch.Tensor
 
 
-def _apply_mask(mask: torch.Tensor):
+def _apply_mask(mask: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """A forward hook multiplying a `lora_A` output by `mask` (the mask as it is at each call)."""
+
     def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         return output * mask.to(output.device, output.dtype)
 

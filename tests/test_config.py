@@ -310,7 +310,7 @@ def test_unknown_key_names_the_closest_flag(tmp_path, image_dir):
         ("center_crop", 1.5, "key 'center_crop' (--center_crop) expects a boolean"),
         ("instance_prompt", 5, "key 'instance_prompt' (--instance_prompt) expects a string"),
         ("validation_prompt", ["a", "b"], "key 'validation_prompt' (--validation_prompt) expects a string"),
-        ("adapter", "lorax", "key 'adapter' (--adapter) must be one of lora, loha, lokr; got 'lorax'"),
+        ("adapter", "lorax", "key 'adapter' (--adapter) must be one of lora, dylora, loha, lokr; got 'lorax'"),
         ("resolution", None, "key 'resolution' is empty (null); give a value or remove the key (its default is 1024)"),
         ("instance_prompt", None, "key 'instance_prompt' is empty (null); give a value or remove the key (it is"),
         ("config", "other.yaml", "a config file cannot name another one"),
