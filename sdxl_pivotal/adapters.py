@@ -5,7 +5,8 @@ with `--conv_rank` (kohya's LoCon / "C3Lier"), inside the blocks of `--lora_unet
 overrides (`--unet_block_ranks`, `--unet_block_conv_ranks`, `--unet_block_lr`) then set each module's rank and
 learning-rate scale; a module whose rank or scale is 0 gets no adapter. The result is one explicit `AdapterPlan`
 ({module path: rank, alpha, lr scale}) that becomes a PEFT config with `rank_pattern` / `alpha_pattern`, so PEFT
-builds the layers (LoHa, LoKr, DoRA and (IA)³ are PEFT's own).
+builds the layers (LoHa, LoKr, DoRA and (IA)³ are PEFT's own; DyLoRA's are LoRA layers, truncated per step
+by `dylora.py`).
 
 (IA)³ (`--adapter ia3`) learns one scaling vector per module, no rank or alpha: on the UNet the paper's keys, values
 and feed-forward (`to_k`, `to_v` scaled at their output, `ff.net.2` at its input), inside the blocks and at the
@@ -205,7 +206,7 @@ def peft_config(args: argparse.Namespace, plan: AdapterPlan) -> PeftConfig:
     ranks = {path: m.rank for path, m in plan.items() if m.rank != args.rank}
     alphas = {path: m.alpha for path, m in plan.items() if m.alpha != args.lora_alpha}
     common = dict(target_modules=sorted(plan), rank_pattern=ranks, alpha_pattern=alphas, r=args.rank)
-    if args.adapter == "lora":
+    if args.adapter in ("lora", "dylora"):  # DyLoRA's layers are LoRA's; `dylora.py` truncates them per step
         return LoraConfig(
             lora_alpha=args.lora_alpha,
             lora_dropout=args.lora_dropout,

@@ -28,7 +28,7 @@ LR_SCHEDULERS = (
     "constant_with_warmup",
     "piecewise_constant",
 )
-ADAPTERS = ("lora", "loha", "lokr", "ia3")
+ADAPTERS = ("lora", "dylora", "loha", "lokr", "ia3")
 LORA_TARGETS = ("attn", "attn_ff", "all_linear")
 # kohya's --max_token_length: captions in one, two or three 75-token chunks (see prompts.py).
 MAX_TOKEN_LENGTHS = (75, 150, 225)
@@ -171,10 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     g = parser.add_argument_group("LoRA")
-    g.add_argument(
-        "--adapter", default="lora", choices=ADAPTERS, help="(ours) adapter family: LoRA, LoHa, LoKr or (IA)³"
-    )
+    g.add_argument(ADAPTERS=("lora", "dylora", "loha", "lokr", "ia3"))
     g.add_argument("--rank", type=int, default=4, help="LoRA rank (LoHa/LoKr: their rank)")
+    g.add_argument(
+        "--dylora_unit",
+        type=int,
+        default=None,
+        help="(ours) --adapter dylora: train the ranks unit, 2 x unit, ..., --rank at once; default 1 (kohya's)",
+    )
     g.add_argument("--lora_alpha", type=float, default=None, help="(ours) alpha (scale alpha/rank); default: the rank")
     g.add_argument("--lora_dropout", type=float, default=0.0, help="LoRA dropout")
     _add_bool(g, "--use_dora", False, "DoRA (weight-decomposed LoRA)")
@@ -448,6 +452,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.lora_alpha = float(args.rank)  # the reference's choice: scale 1
     if args.conv_alpha is None:
         args.conv_alpha = float(args.conv_rank)
+    if args.adapter == "dylora" and args.dylora_unit is None:
+        args.dylora_unit = 1  # kohya's default: every rank from 1 to --rank
     step = args.bucket_step
     if args.bucket_min_side is None:
         args.bucket_min_side = max(step, args.resolution // 2 // step * step)
@@ -589,6 +595,8 @@ def _validate_adapter_flags(args: argparse.Namespace) -> None:
             if getattr(args, flag) != defaults.get_default(flag):
                 raise InputError(f"--{flag} does not apply to --adapter ia3: (IA)³ {why}. Drop --{flag}.")
     lycoris = args.adapter in ("loha", "lokr")
+    if args.adapter == "dylora" or args.dylora_unit is not None:
+        _validate_dylora_flags(args)
     if args.use_dora and args.adapter != "lora":
         raise InputError(
             f"--use_dora is a LoRA variant; drop it or use --adapter lora (got --adapter {args.adapter})."
@@ -628,6 +636,44 @@ def _validate_adapter_flags(args: argparse.Namespace) -> None:
             values = parse_block_values(spec, f"--{flag}", presets=flag == "unet_block_lr")
             if flag != "unet_block_lr" and any(v != int(v) for v in values.values()):
                 raise InputError(f"--{flag}: ranks are whole numbers, got {spec!r}.")
+
+
+def _validate_dylora_flags(args: argparse.Namespace) -> None:
+    """DyLoRA nests plain LoRA ranks: every rank a multiple of --dylora_unit, nothing that ties the adapters to
+    one rank (DoRA's magnitudes, a LoRA file's ranks, text encoders frozen at one truncation)."""
+    if args.adapter != "dylora":
+        raise InputError(f"--dylora_unit is for --adapter dylora (got --adapter {args.adapter}); drop it or add that.")
+    unit = 1 if args.dylora_unit is None else args.dylora_unit
+    if unit < 1:
+        raise InputError(f"--dylora_unit must be at least 1 (the step between trained ranks), got {unit}.")
+    ranks = {"--rank": [args.rank], "--conv_rank": [args.conv_rank] if args.conv_rank else []}
+    for flag in ("unet_block_ranks", "unet_block_conv_ranks"):
+        spec = getattr(args, flag)
+        ranks[f"--{flag}"] = [int(v) for v in parse_block_values(spec, f"--{flag}").values() if v] if spec else []
+    for flag, values in ranks.items():
+        for rank in values:
+            if rank % unit:
+                lower, higher = rank // unit * unit, (rank // unit + 1) * unit
+                fix = f"{lower} or {higher}" if lower else str(higher)
+                raise InputError(
+                    f"{flag} {rank} is not a multiple of --dylora_unit {unit}: DyLoRA trains the ranks {unit}, "
+                    f"{2 * unit}, ... Use {fix} there, or a --dylora_unit that divides it."
+                )
+    if args.use_dora:
+        raise InputError(
+            "--use_dora with --adapter dylora: DoRA's magnitudes are trained for one rank, not for each "
+            "truncation; drop --use_dora, or use --adapter lora --use_dora."
+        )
+    if args.network_weights is not None:
+        raise InputError(
+            "--network_weights continues a LoRA file at its own ranks; --adapter dylora trains nested ranks from "
+            "the start. Drop one of them."
+        )
+    if args.train_text_encoder and args.train_text_encoder_frac < 1.0:
+        raise InputError(
+            "--adapter dylora with --train_text_encoder trains the text encoders' ranks together with the UNet's; "
+            "--train_text_encoder_frac below 1 would freeze them at one rank. Drop --train_text_encoder_frac."
+        )
 
 
 def _validate_pivotal_flags(args: argparse.Namespace) -> None:

@@ -210,6 +210,25 @@ The file for them is `{kohya}` ({args.adapter}, kohya / LyCORIS keys): {applied}
 """
 
 
+def dylora_section(args: argparse.Namespace) -> str:
+    """For a DyLoRA run: what its leading ranks are, and the command that writes them as LoRA files."""
+    if args.adapter != "dylora":
+        return ""
+    name, unit = output_name(args.output_dir), args.dylora_unit
+    base = f" --base {args.pretrained_model_name_or_path}" if Path(args.pretrained_model_name_or_path).is_dir() else ""
+    ranks = ", ".join(str(rank) for rank in range(unit, min(args.rank, 3 * unit) + 1, unit))
+    return f"""
+## Smaller ranks (DyLoRA)
+
+Trained as DyLoRA (`--adapter dylora --dylora_unit {unit}`): the files above are an ordinary LoRA of rank
+{args.rank}, and its leading ranks {ranks}, ... are trained LoRAs of their own (smaller files, somewhat less
+faithful). `python -m sdxl_pivotal.tools extract-dylora {name} --unit {unit}{base}` writes them beside the full
+files: `{name}-r{unit}.safetensors` (for the UIs) and `pytorch_lora_weights-r{unit}.safetensors` (diffusers), and so
+on for each rank. Each loads like the full files (in the code above:
+`weight_name="pytorch_lora_weights-r{unit}.safetensors"`).
+"""
+
+
 def gallery(output_dir: Path, images: list[Path], prompt: str) -> tuple[str, str]:
     """(the card's `widget:` front matter, a markdown gallery) for the final validation images."""
     if not images:
@@ -268,7 +287,7 @@ Prompt: `{prompt}`
 {diffusers_code(args, tokens, repo_id, folder)}
 ```
 {long_prompts_note(args)}
-{ui_instructions(args, tokens)}
+{ui_instructions(args, tokens)}{dylora_section(args)}
 ## Training settings
 
 All flags of this run: [`training_config.yaml`](training_config.yaml) (run it again: `--config training_config.yaml`).

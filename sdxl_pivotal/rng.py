@@ -24,6 +24,7 @@ class Tag(IntEnum):
     CLASS_SAMPLE = 1  # crop and flip of the class image paired with a sample (prior preservation)
     CAPTION = 2  # caption shuffle and dropout of a sample
     CACHED_CROP = 3  # --cache_latents: the one crop of a record for the whole run
+    DYLORA_RANK = 4  # --adapter dylora: the rank an optimizer step trains
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -44,6 +45,13 @@ def caption_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 def cached_crop_rng(seed: int, index: int, is_class: bool) -> np.random.Generator:
     """The run's one crop of record `index` (instance or class) for the latent cache."""
     return np.random.default_rng([seed, index, int(Tag.CACHED_CROP), int(is_class)])
+
+
+def dylora_rank_rng(seed: int, step: int) -> np.random.Generator:
+    """The rank optimizer step `step` trains (--adapter dylora): one draw for all processes, which train the same
+    truncation together. Keyed (seed, step, 0, tag) like a sample's stream of sample 0 with a tag of its own (a
+    3-entry key would coincide with `sample_rng`'s: numpy ignores trailing zeros of a key)."""
+    return np.random.default_rng([seed, step, 0, int(Tag.DYLORA_RANK)])
 
 
 def epoch_order_generator(seed: int, epoch: int) -> torch.Generator:

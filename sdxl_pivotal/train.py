@@ -38,6 +38,7 @@ from .data import (
     load_records,
     open_image,
 )
+from .dylora import NestedRanks
 from .export import (
     check_writable,
     embeddings_file_name,
@@ -398,6 +399,7 @@ def train(args: argparse.Namespace) -> Path:
         dataset.latent_cache = build_latent_cache(dataset, parts.vae, cache_dir)
         parts.vae.to("cpu")  # needed again only to decode validation images
     models = trained_models(parts, args)
+    nested_ranks = NestedRanks(models.values(), args.dylora_unit) if args.adapter == "dylora" else None
 
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
@@ -457,15 +459,17 @@ def train(args: argparse.Namespace) -> Path:
         if not text_trainable and precompute is not None and not encode_prompts.offloaded:
             encode_prompts.encode_all_then_offload(precompute)
         step_loss = 0.0
-        for i, batch in enumerate(micro_batches):
-            # Only the last micro-batch of a step synchronises gradients across processes.
-            with contextlib.ExitStack() as stack:
-                if i < len(micro_batches) - 1:
-                    for model in wrapped.values():
-                        stack.enter_context(accelerator.no_sync(model))
-                loss = batch_loss(parts, wrapped["unet"], encode_prompts, batch, generator, args, text_trainable)
-                accelerator.backward(loss / len(micro_batches))
-            step_loss += loss.detach().item() / len(micro_batches)
+        # --adapter dylora: this step's forward and backward passes use one truncation of the adapters.
+        with nested_ranks.training_step(seed, step) if nested_ranks else contextlib.nullcontext():
+            for i, batch in enumerate(micro_batches):
+                # Only the last micro-batch of a step synchronises gradients across processes.
+                with contextlib.ExitStack() as stack:
+                    if i < len(micro_batches) - 1:
+                        for model in wrapped.values():
+                            stack.enter_context(accelerator.no_sync(model))
+                    loss = batch_loss(parts, wrapped["unet"], encode_prompts, batch, generator, args, text_trainable)
+                    accelerator.backward(loss / len(micro_batches))
+                step_loss += loss.detach().item() / len(micro_batches)
         if args.max_grad_norm > 0:
             params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
             accelerator.clip_grad_norm_(params, args.max_grad_norm)

@@ -393,6 +393,41 @@ B = [
         [("state[key] = state[key][: state[key].shape[0] - new_tokens]", "pass")],
         ["tests/test_single_file.py"],
     ),
+    (
+        "dylora-scale",
+        "DyLoRA: a step's truncation to rank b applies its leading ranks at alpha / b",
+        "sdxl_pivotal/dylora.py",
+        [("layer.mask[:kept] = layer.rank / kept", "layer.mask[:kept] = 1.0")],
+        ["tests/test_dylora.py"],
+    ),
+    (
+        "dylora-rows",
+        "DyLoRA: a step's truncation to rank b uses (and trains) only the leading b ranks",
+        "sdxl_pivotal/dylora.py",
+        [("layer.mask[kept:] = 0.0", "layer.mask[kept:] = layer.rank / kept")],
+        ["tests/test_dylora.py"],
+    ),
+    (
+        "dylora-step-rank",
+        "DyLoRA: each step draws its rank from the seed and the step",
+        "sdxl_pivotal/dylora.py",
+        [("dylora_rank_rng(seed, step)", "dylora_rank_rng(seed, 0)")],
+        ["tests/test_dylora.py"],
+    ),
+    (
+        "dylora-train",
+        "DyLoRA: the trainer trains the truncations (not the plain LoRA)",
+        "sdxl_pivotal/train.py",
+        [("with nested_ranks.training_step(seed, step) if nested_ranks else", "with")],
+        ["tests/test_dylora.py"],
+    ),
+    (
+        "dylora-extract-alpha",
+        "extract-dylora keeps each module's alpha (the scale the training truncation used)",
+        "sdxl_pivotal/tools/extract_dylora.py",
+        [('f"{module}.alpha": alpha,', 'f"{module}.alpha": alpha * kept / down.shape[0],')],
+        ["tests/test_dylora.py"],
+    ),
 ]
 
 scratch, out = Path(sys.argv[1]), Path(sys.argv[2])

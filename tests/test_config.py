@@ -94,6 +94,7 @@ SPECIAL = {
     "hub_token": HUB_TOKEN,
     "local_rank": "0",
     "adapter": "lokr",
+    "dylora_unit": "2",  # divides the default --rank 4
     "validation_prompt": "a photo of TOK toy: on the beach, #1",  # YAML-special characters
     "instance_prompt": "yes",  # a string YAML would read as a boolean unless quoted
 }
@@ -117,10 +118,10 @@ SECOND_COMMAND_LINE = {
     "overwrite_output_dir",  # vs --resume_from_checkpoint
     "sample_every_n_epochs",  # vs --sample_every_n_steps (with a --sample_prompts file of its own)
 }
-# Flags that need another one on their command line: that one's flag, then the dest whose value it takes.
-COMPANIONS = {"sample_every_n_epochs": ("--sample_prompts", "sample_prompts")}
-# --datasets replaces both image sources: a command line of its own.
-THIRD_COMMAND_LINE = {"datasets"}
+# Flags that need another one on their command line: that one's flag, then its value (None: its generic value).
+COMPANIONS = {"sample_every_n_epochs": ("--sample_prompts", None), "dylora_unit": ("--adapter", "dylora")}
+# --datasets replaces both image sources: a command line of its own (also DyLoRA's, vs LoKr's --adapter).
+THIRD_COMMAND_LINE = {"datasets", "dylora_unit"}
 # How every flag's source is named: these two are what the round trip exercises.
 MECHANISM = {"config", "print_config"}
 
@@ -177,8 +178,8 @@ def every_flag_command_lines(tmp_path: Path, image_dir: Path) -> list[list[str]]
             target = third
         target += [action.option_strings[0], flag_text(action, tmp_path, image_dir)]
         if action.dest in COMPANIONS:
-            flag, dest = COMPANIONS[action.dest]
-            target += [flag, flag_text(parser_action(dest), tmp_path, image_dir)]
+            flag, value = COMPANIONS[action.dest]
+            target += [flag, value or flag_text(parser_action(flag.removeprefix("--")), tmp_path, image_dir)]
     return [first, second, third]
 
 
@@ -309,7 +310,7 @@ def test_unknown_key_names_the_closest_flag(tmp_path, image_dir):
         ("center_crop", 1.5, "key 'center_crop' (--center_crop) expects a boolean"),
         ("instance_prompt", 5, "key 'instance_prompt' (--instance_prompt) expects a string"),
         ("validation_prompt", ["a", "b"], "key 'validation_prompt' (--validation_prompt) expects a string"),
-        ("adapter", "lorax", "key 'adapter' (--adapter) must be one of lora, loha, lokr, ia3; got 'lorax'"),
+        ("adapter", "lorax", "key 'adapter' (--adapter) must be one of lora, dylora, loha, lokr, ia3; got 'lorax'"),
         ("resolution", None, "key 'resolution' is empty (null); give a value or remove the key (its default is 1024)"),
         ("instance_prompt", None, "key 'instance_prompt' is empty (null); give a value or remove the key (it is"),
         ("config", "other.yaml", "a config file cannot name another one"),

@@ -94,6 +94,24 @@ def test_two_processes_train_and_resume_loha_with_block_learning_rates(tiny_mode
 
 
 @pytest.mark.slow
+def test_two_processes_train_and_resume_dylora(tiny_model, demo_images, tmp_path):
+    """DyLoRA's per-step truncation under DDP (every process draws the step's rank from the seed and the step),
+    convolutions included: it trains, and resumes exactly."""
+    flags = ("--adapter", "dylora", "--rank", "8", "--dylora_unit", "2", "--conv_rank", "4")
+    full = tmp_path / "full"
+    torchrun(full, tiny_model, demo_images, *flags)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
+    torchrun(resumed, tiny_model, demo_images, *flags, "--resume_from_checkpoint", "latest")
+    left, right = (
+        load_file(full / "pytorch_lora_weights.safetensors"),
+        load_file(resumed / "pytorch_lora_weights.safetensors"),
+    )
+    assert left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left)
+
+
+@pytest.mark.slow
 def test_processes_that_did_not_form_a_group_are_refused(tiny_model, demo_images, tmp_path):
     """Without GPUs and without ACCELERATE_USE_CPU=1, each process would train alone into the same folder."""
     result = launch(TORCHRUN, tmp_path / "run", tiny_model, demo_images, cpu=False)

@@ -20,6 +20,7 @@ def test_streams_keep_their_historical_keys():
     assert draws(rng.class_sample_rng(SEED, EPOCH, INDEX)) == draws(np.random.default_rng([SEED, EPOCH, INDEX, 1]))
     assert draws(rng.caption_rng(SEED, EPOCH, INDEX)) == draws(np.random.default_rng([SEED, EPOCH, INDEX, 2]))
     assert draws(rng.cached_crop_rng(SEED, INDEX, True)) == draws(np.random.default_rng([SEED, INDEX, 3, 1]))
+    assert draws(rng.dylora_rank_rng(SEED, INDEX)) == draws(np.random.default_rng([SEED, INDEX, 0, 4]))
     order = torch.randperm(50, generator=rng.epoch_order_generator(SEED, EPOCH))
     assert (
         order.tolist() == torch.randperm(50, generator=torch.Generator().manual_seed(SEED * 100_003 + EPOCH)).tolist()
@@ -37,6 +38,8 @@ def test_streams_of_one_position_differ():
         rng.caption_rng(SEED, EPOCH, INDEX),
         rng.cached_crop_rng(SEED, INDEX, False),
         rng.cached_crop_rng(SEED, INDEX, True),
+        rng.dylora_rank_rng(SEED, EPOCH),
+        rng.sample_rng(SEED, EPOCH, int(rng.Tag.DYLORA_RANK)),  # a 3-entry key of the same numbers
     ]
     assert len({tuple(draws(stream)) for stream in streams}) == len(streams)
     assert rng.step_seed(SEED, 1, 0) != rng.step_seed(SEED, 1, 1) != rng.step_seed(SEED, 2, 0)

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..errors import InputError
-from . import convert, extract, inspect, merge, resize, svd_merge
+from . import convert, extract, extract_dylora, inspect, merge, resize, svd_merge
 
 SUBCOMMANDS = {
     "convert": convert,
@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "resize": resize,
     "svd-merge": svd_merge,
     "extract": extract,
+    "extract-dylora": extract_dylora,
     "inspect": inspect,
 }
 
@@ -21,7 +22,7 @@ SUBCOMMANDS = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sdxl_pivotal.tools",
-        description="Convert, merge, resize, SVD-merge, extract and inspect SDXL LoRA files.",
+        description="Convert, merge, resize, SVD-merge, extract, cut DyLoRAs and inspect SDXL LoRA files.",
     )
     subparsers = parser.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
     for name, module in SUBCOMMANDS.items():

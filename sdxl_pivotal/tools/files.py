@@ -8,6 +8,7 @@ Inside the tools every LoRA is a kohya state ({"<kohya module>.lora_down.weight"
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -17,11 +18,13 @@ import torch
 
 from ..errors import InputError
 from ..export import save_safetensors
+from ..formats.architecture import SDXL_BASE_MODEL
 from ..formats.diffusers_lora import diffusers_to_peft, is_diffusers_lora, save_diffusers_peft
 from ..formats.kohya import (
     DORA_FORM_KEY,
     TOKENS_METADATA_KEY,
     bundled_embeddings,
+    kohya_state_metadata,
     kohya_to_peft,
     lokr_options,
     peft_to_kohya,
@@ -31,6 +34,8 @@ from ..formats.load import lora_file_format, read_safetensors
 from ..tokens import EMBEDDING_KEYS, PivotalTokens
 
 FORMATS = ("kohya", "diffusers")
+# kohya's metadata of a file's ranks and alphas, recomputed when the tools change them.
+RANK_METADATA_KEYS = ("ss_network_dim", "ss_network_alpha", "ss_network_args")
 
 
 @dataclass
@@ -114,6 +119,16 @@ def read_lora(path: str | Path, models: Mapping[str, torch.nn.Module]) -> LoraFi
             lora = peft_to_kohya(loras, models)
         metadata = metadata | lokr_options(next(iter(loras.values())).config)
     return LoraFile(file_format, lora, embeddings, metadata)
+
+
+def with_new_ranks(lora: LoraFile, state: dict[str, torch.Tensor], name: str, base: str | Path | None) -> LoraFile:
+    """`lora` holding `state`, the same modules at other ranks, instead; for a kohya file, with kohya's rank and
+    alpha metadata recomputed for it (`name` and `base` as the file's name and base model there)."""
+    if lora.format != "kohya":
+        return dataclasses.replace(lora, lora=state)
+    fresh = kohya_state_metadata(state, name, str(base or SDXL_BASE_MODEL))
+    metadata = lora.metadata | {key: fresh[key] for key in RANK_METADATA_KEYS}
+    return dataclasses.replace(lora, lora=state, metadata=metadata)
 
 
 def write_lora(path: Path, lora: LoraFile, models: Mapping[str, torch.nn.Module]) -> list[Path]:

@@ -10,16 +10,15 @@ diffusers; --base gives a diffusers file's module tree (default: SDXL base).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 import torch
 
 from ..errors import InputError
-from ..formats.architecture import SDXL_BASE_MODEL, empty_sdxl_models
+from ..formats.architecture import empty_sdxl_models
 from ..formats.families import lora_to_kohya
-from ..formats.kohya import kohya_modules, kohya_state_metadata
-from .files import existing_file, new_output, read_lora, write_lora
+from ..formats.kohya import kohya_modules
+from .files import existing_file, new_output, read_lora, with_new_ranks, write_lora
 from .lowrank import (
     RetainedEnergy,
     check_rank_and_energy,
@@ -64,11 +63,7 @@ def resize_lora(
     models = empty_sdxl_models(base)
     lora = read_lora(source, models)
     resized, report = resize_state(lora.lora, rank, energy)
-    metadata = lora.metadata
-    if lora.format == "kohya":
-        fresh = kohya_state_metadata(resized, output.stem, str(base or SDXL_BASE_MODEL))
-        metadata = metadata | {key: fresh[key] for key in ("ss_network_dim", "ss_network_alpha")}
-    return write_lora(output, dataclasses.replace(lora, lora=resized, metadata=metadata), models), report
+    return write_lora(output, with_new_ranks(lora, resized, output.stem, base), models), report
 
 
 def resize_state(
