@@ -171,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     g = parser.add_argument_group("LoRA")
-    g.add_argument(ADAPTERS=("lora", "dylora", "loha", "lokr", "ia3"))
+    g.add_argument(
+        "--adapter", default="lora", choices=ADAPTERS, help="(ours) adapter family: LoRA, DyLoRA, LoHa, LoKr or (IA)³"
+    )
     g.add_argument("--rank", type=int, default=4, help="LoRA rank (LoHa/LoKr: their rank)")
     g.add_argument(
         "--dylora_unit",
