@@ -20,7 +20,7 @@ from ..caption import DEFAULT_MODEL, Captioner, with_concept
 from ..errors import InputError
 from ..tiny import save_tiny_sdxl
 from . import command as cmd
-from .estimate import HARDWARE, estimate
+from .estimate import HARDWARE, cached_memory, estimate, planned_memory
 from .presets import PRESETS, preset_settings
 from .progress import log_tail, loss_frame, read_progress, validation_images
 from .results import TryIt, push_to_hub, result_files, write_results_zip
@@ -139,15 +139,23 @@ class SpaceApp:
             cmd.trainer_arguments({**settings, **owned}), self.num_gpus, settings.get("mixed_precision"), threads
         )
 
-    def command_and_estimate(self, folder, name, hardware, *values) -> tuple[str, str]:
-        """The command the app will run, and the estimate for the chosen hardware."""
+    def command_and_estimate(self, folder, name, hardware, *values):
+        """The command the app will run, and the estimate for the chosen hardware: at once, then with the memory
+        planner's figure when it is ready (about a minute at SDXL size the first time a command is seen)."""
         try:
             settings = self.settings(values)
             command = cmd.shell_text(self.run_command(folder, name, settings))
         except (ValueError, KeyError) as error:
-            return f"# invalid setting: {error}", ""
+            yield f"# invalid setting: {error}", ""
+            return
         tiny = settings["pretrained_model_name_or_path"] in {str(path) for path in self.tiny_models.values()}
-        return command, estimate(settings, tiny, HARDWARE[hardware]).markdown(HARDWARE[hardware])
+        chosen = HARDWARE[hardware]
+        argv = cmd.trainer_arguments(settings)
+        memory = cached_memory(argv)
+        if memory is None:
+            yield command, estimate(settings, tiny, chosen, None).markdown(chosen)
+            memory = planned_memory(argv)
+        yield command, estimate(settings, tiny, chosen, memory).markdown(chosen)
 
     # --- images and captions -------------------------------------------------------------------------------
     def upload(self, files, folder, version):
