@@ -219,3 +219,14 @@ def test_planner_sizes_the_quantised_weights_as_the_real_model_holds_them(tiny_m
     assert quantized.peak < plain.peak and quantized.trainable_numbers == plain.trainable_numbers
     change = next(c for c in CHANGES if c.name == "--quantize_unet int8")
     assert change.apply(quantized_args) is None  # already quantised: not proposed again
+
+
+@pytest.mark.parametrize("adapter", [("--use_dora",), ("--adapter", "loha")], ids=["dora", "loha"])
+def test_other_adapters_train_on_the_quantised_unet_and_export(run_training, tmp_path, adapter):
+    """DoRA reads the base weight (its norm, forward and at export, for ComfyUI's dora_scale), LoHa wraps the layer:
+    both on int8 weights."""
+    out = run_training(tmp_path / "run", "--max_train_steps", "2", "--quantize_unet", "int8", *adapter)
+    state = lora_file(out)
+    assert state and all(torch.isfinite(t).all() for t in state.values())
+    kohya = load_file(out / "run.safetensors")
+    assert any(key.endswith("dora_scale") for key in kohya) == (adapter == ("--use_dora",))

@@ -203,9 +203,12 @@ def lora_product(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
 
 
 def _base_weight(model: torch.nn.Module, path: str) -> torch.Tensor:
+    """The module's base weight as plain numbers (a weight --quantize_unet stored in int8 / fp8: dequantised)."""
+    from peft.utils.integrations import dequantize_module_weight
+
     module = model.get_submodule(path)
     base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-    return base.weight.detach()
+    return dequantize_module_weight(base).detach()
 
 
 def _row_norms(weight: torch.Tensor) -> torch.Tensor:
