@@ -15,4 +15,4 @@ python benchmarks/benchmark_sdxl.py --model sdxl-base --model_dir "$MODEL_DIR" -
   --resolutions 1024,768,512 --batch_sizes 1,2,4 --steps 3 --warmup_steps 2 --time_budget 270 2>&1 | tee "$OUT/matrix.log"
 python benchmarks/benchmark_sdxl.py --model sdxl-base --model_dir "$MODEL_DIR" --out "$OUT/options" \
   --resolutions 1024 --batch_sizes 1,4 --steps 3 --warmup_steps 2 --no_plan --time_budget 200 \
-  --variants no_checkpointing,8bit_adam,fused_adam,cache_latents,channels_last,compile 2>&1 | tee "$OUT/options.log"
+  --variants no_checkpointing,quantize_int8,quantize_fp8,low_vram,8bit_adam,fused_adam,cache_latents,channels_last,compile 2>&1 | tee "$OUT/options.log"

@@ -32,6 +32,8 @@ ADAPTERS = ("lora", "dylora", "loha", "lokr", "ia3")
 LORA_TARGETS = ("attn", "attn_ff", "all_linear")
 # kohya's --max_token_length: captions in one, two or three 75-token chunks (see prompts.py).
 MAX_TOKEN_LENGTHS = (75, 150, 225)
+# --quantize_unet: how the frozen UNet's Linear weights are stored (quantization.py).
+QUANTIZATIONS = ("no", "int8", "fp8")
 # Short names of the UNet's block groups in the per-block flags.
 BLOCK_ALIASES = {"down": "down_blocks", "mid": "mid_block", "up": "up_blocks"}
 # Resize filters, named as torchvision's InterpolationMode (what the reference accepts).
@@ -44,6 +46,7 @@ NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 OPTIONAL_PACKAGES = {
     "bitsandbytes": ("--use_8bit_adam", "pip install bitsandbytes (it needs a CUDA GPU), or drop --use_8bit_adam"),
     "prodigyopt": ("--optimizer prodigy", "pip install prodigyopt, or use --optimizer adamw"),
+    "torchao": ("--quantize_unet", "pip install torchao, or drop --quantize_unet"),
     "xformers": (
         "--enable_xformers_memory_efficient_attention",
         "pip install xformers, or drop the flag (PyTorch's own attention is memory-efficient too)",
@@ -304,6 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bool(g, "--adam_fused", False, "(ours) torch's fused AdamW kernel (one kernel per step; not with 8-bit Adam)")
     _add_bool(g, "--channels_last", False, "(ours) UNet in channels-last memory format (faster convolutions on GPUs)")
     _add_bool(g, "--compile", False, "(ours) torch.compile the UNet's transformer blocks (regional compilation)")
+    g.add_argument(
+        "--quantize_unet",
+        default="no",
+        choices=QUANTIZATIONS,
+        help="(ours) store the frozen UNet's Linear weights in int8 or fp8 (torchao weight-only quantisation; "
+        "the LoRA stays float32): SDXL's UNet weights take 2.9 GB instead of 5.1 GB (bf16)",
+    )
     _add_bool(
         g,
         "--memory_plan",
@@ -568,6 +578,7 @@ def _validate_packages(args: argparse.Namespace) -> None:
     needed = {
         "bitsandbytes": args.use_8bit_adam and args.optimizer != "prodigy",
         "prodigyopt": args.optimizer == "prodigy",
+        "torchao": args.quantize_unet != "no",
         "xformers": args.enable_xformers_memory_efficient_attention,
     }
     for module, wanted in needed.items():

@@ -33,6 +33,7 @@ import torch
 
 from .args import build_parser
 from .configs import config_source, models_from_configs
+from .quantization import inner_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,10 @@ def _halve_batch(args: argparse.Namespace) -> argparse.Namespace | None:
     )
 
 
+def _quantize_unet(args: argparse.Namespace) -> argparse.Namespace | None:
+    return replace_args(args, quantize_unet="int8") if args.quantize_unet == "no" else None
+
+
 # Cheapest first: the planner proposes the first that fits, else the shortest cheapest-first combination.
 CHANGES = (
     Change(
@@ -117,6 +122,12 @@ CHANGES = (
         _with(cache_latents=True),
     ),
     Change("--gradient_checkpointing", "about 20-30% slower steps", _with(gradient_checkpointing=True)),
+    Change(
+        "--quantize_unet int8",
+        "the frozen UNet's Linear weights rounded to int8 (the LoRA learns on them; results change slightly); "
+        "needs torchao",
+        _quantize_unet,
+    ),
     Change(
         "half the batch, twice the accumulation",
         "same effective batch, slower (less parallel work per step)",
@@ -170,14 +181,22 @@ def _replace_tensors(module: torch.nn.Module, device: torch.device) -> None:
         for name, tensor in list(sub._parameters.items()):
             if tensor is not None:
                 if id(tensor) not in new:
-                    empty = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
+                    empty = _empty_like(tensor, device)
                     new[id(tensor)] = torch.nn.Parameter(empty, requires_grad=tensor.requires_grad)
                 sub._parameters[name] = new[id(tensor)]
         for name, tensor in list(sub._buffers.items()):
             if tensor is not None:
-                sub._buffers[name] = new.setdefault(
-                    id(tensor), torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
-                )
+                sub._buffers[name] = new.setdefault(id(tensor), _empty_like(tensor, device))
+
+
+def _empty_like(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """An empty tensor of `tensor`'s shape and dtype on `device`; a tensor subclass (a weight --quantize_unet
+    stored in int8 or fp8) is rebuilt from empty components of its own shapes and dtypes."""
+    if not hasattr(tensor, "__tensor_flatten__"):
+        return torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
+    names, context = tensor.__tensor_flatten__()
+    parts = {name: _empty_like(getattr(tensor, name), device) for name in names}
+    return type(tensor).__tensor_unflatten__(parts, context, tensor.shape, tensor.stride())
 
 
 class LiveTensorBytes:
@@ -204,6 +223,10 @@ class LiveTensorBytes:
 
     def add(self, tensor: torch.Tensor) -> None:
         if tensor.device != self.device:
+            return
+        if hasattr(tensor, "__tensor_flatten__"):  # a quantised weight: its values and scales hold the memory
+            for part in inner_tensors(tensor):
+                self.add(part)
             return
         storage = tensor.untyped_storage()
         if storage in self._seen:
@@ -396,8 +419,8 @@ def describe_plan(args: argparse.Namespace, gpu_memory_gib: float | None) -> str
     lines.append(f"does NOT fit in {gpu_memory_gib:g} GiB")
     proposals = propose(args, gpu_memory_gib)
     if not proposals:
-        lines.append("no combination of --use_8bit_adam, --cache_latents, --gradient_checkpointing and a smaller")
-        lines.append("batch fits; lower --resolution or use a larger GPU")
+        lines.append("no combination of --use_8bit_adam, --cache_latents, --gradient_checkpointing, --quantize_unet")
+        lines.append("int8 and a smaller batch fits; lower --resolution or use a larger GPU")
     for changes, changed in proposals:
         lines.append(f"it fits with: {' + '.join(c.name for c in changes)} -> {changed.needed:.1f} GiB")
         lines += [f"  {c.name}: {c.cost}" for c in changes]

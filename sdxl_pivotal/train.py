@@ -67,6 +67,7 @@ from .monitor import Requests, TrainingMonitor
 from .optim import create_lr_scheduler, create_optimizer, parameter_groups, trainable_parameters
 from .plan import log_estimate
 from .prompts import PromptEncoder, warn_if_truncated
+from .quantization import quantize_frozen_linears
 from .rng import drawn_seed, step_seed
 from .sample_prompts import is_sample_step, make_samples, read_sample_prompts, with_tokens
 from .tokens import PivotalTokens, add_new_tokens, embeddings_state
@@ -336,6 +337,8 @@ def prepare_models(
     place_models(parts, device, weight_dtype, vae_fp32=not args.pretrained_vae_model_name_or_path)
     if args.channels_last:
         parts.unet.to(memory_format=torch.channels_last)
+    if args.quantize_unet != "no":  # after the adapters (their A and B stay float32) and the dtype
+        quantize_frozen_linears(parts.unet, args.quantize_unet)
     if args.compile:
         parts.unet.compile_repeated_blocks()  # each transformer block compiled once, reused by all its copies
     return adapter_plan

@@ -348,6 +348,37 @@ B = [
         ["tests/test_validation.py"],
     ),
     (
+        "quant-swap",
+        "--quantize_unet: the backward pass keeps the quantised weight, not a full-precision copy",
+        "sdxl_pivotal/quantization.py",
+        [("        model.set_submodule(path, new)\n", "")],
+        ["tests/test_quantization.py"],
+    ),
+    (
+        "quant-adapters",
+        "--quantize_unet: the LoRA layers stay float32 on top of the quantised frozen weights",
+        "sdxl_pivotal/quantization.py",
+        [
+            (
+                "return isinstance(module, torch.nn.Linear) and not module.weight.requires_grad",
+                "return isinstance(module, torch.nn.Linear)",
+            )
+        ],
+        ["tests/test_quantization.py"],
+    ),
+    (
+        "quant-backward",
+        "--quantize_unet: gradients are those of the stored (dequantised) weights",
+        "sdxl_pivotal/quantization.py",
+        [
+            (
+                "grad_input = grad_output @ ctx.weight.dequantize(grad_output.dtype)",
+                "grad_input = grad_output @ ctx.weight.qdata.to(grad_output.dtype)",
+            )
+        ],
+        ["tests/test_quantization.py"],
+    ),
+    (
         "rng-keys",
         "Named RNG streams keep their historical keys (exact resume of old checkpoints)",
         "sdxl_pivotal/rng.py",

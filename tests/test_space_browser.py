@@ -169,6 +169,8 @@ def test_train_in_the_browser(app_url, page, tmp_path, demo_images):
     expect(command).to_contain_text("--train_text_encoder_ti")
     expect(command).to_contain_text("accelerate launch")
     expect(page.locator("#estimate")).to_contain_text("Time")
+    # The memory planner's figure follows, from the app's worker process (seconds for the tiny model).
+    expect(page.locator("#estimate")).to_contain_text("Memory planner: tensors peak at", timeout=180_000)
     shot("02-settings")
 
     # 5. Train; watch progress, the loss plot and a validation image.

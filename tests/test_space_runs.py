@@ -11,7 +11,15 @@ import pytest
 
 from sdxl_pivotal.monitor import TrainingMonitor
 from sdxl_pivotal.space import results as results_module
-from sdxl_pivotal.space.estimate import HARDWARE, TINY_CPU_S_PER_STEP, Hardware, estimate
+from sdxl_pivotal.space.estimate import (
+    CPU_PROCESS_GIB,
+    HARDWARE,
+    TINY_CPU_S_PER_STEP,
+    Hardware,
+    cached_memory,
+    estimate,
+    planned_memory,
+)
 from sdxl_pivotal.space.progress import loss_frame, read_progress, validation_images
 from sdxl_pivotal.space.results import push_to_hub, write_results_zip
 from sdxl_pivotal.space.runs import RunManager, resume_command
@@ -108,18 +116,44 @@ def test_progress_loss_and_validation_images_from_the_run_files(tmp_path):
     assert [label for _, label in validation_images(tmp_path)] == ["step 2", "step 10", "final"]
 
 
-def test_estimate_uses_measured_cpu_figures_and_warns_when_sdxl_will_not_fit():
-    tiny = estimate({"max_train_steps": 100, "train_batch_size": 4, "resolution": 256}, True, HARDWARE["cpu-basic"])
-    assert tiny.seconds == pytest.approx(100 * TINY_CPU_S_PER_STEP * 4)
-    settings = {"rank": 16, "train_batch_size": 1, "resolution": 1024, "mixed_precision": "no"}
-    full = estimate(settings, False, HARDWARE["t4-small"])
-    assert full.seconds is None and "No GPU time has been measured" in full.notes[1]
-    assert "May not fit" in full.markdown(HARDWARE["t4-small"])
-    half = estimate({**settings, "mixed_precision": "bf16", "gradient_checkpointing": True}, False, HARDWARE["l4x1"])
-    assert half.memory_floor_gib < full.memory_floor_gib / 1.9
-    assert "⚠️" not in half.markdown(HARDWARE["l4x1"])
-    small = Hardware("an 8 GB GPU", 8, 0.0)
-    assert "Will not fit" in estimate({**settings, "rank": 4}, False, small).markdown(small)
+@pytest.mark.slow
+def test_estimate_takes_memory_from_the_planner_and_time_from_measured_cpu_figures(tiny_model):
+    from sdxl_pivotal.plan import GIB, parse_plan_args
+    from sdxl_pivotal.plan import estimate as plan_estimate
+    from sdxl_pivotal.space.command import trainer_arguments
+
+    settings = {
+        "pretrained_model_name_or_path": str(tiny_model),
+        "instance_prompt": "a photo of TOK toy",
+        "max_train_steps": 100,
+        "train_batch_size": 2,
+        "resolution": 64,
+        "train_text_encoder_ti": True,
+    }
+    argv = trainer_arguments(settings)
+    assert cached_memory(argv) is None
+    memory = planned_memory(argv)  # in the app's worker process
+    assert cached_memory(argv) is memory
+    # The planner's own figure for the same command, computed here: the worker ran the planner, nothing else.
+    assert memory.peak == plan_estimate(parse_plan_args(argv)[1]).peak
+
+    cpu = estimate(settings, True, HARDWARE["cpu-basic"], memory)
+    assert cpu.seconds == pytest.approx(100 * TINY_CPU_S_PER_STEP * 2 / 4 * (64 / 128) ** 2)
+    assert cpu.memory_gib == pytest.approx(memory.peak / GIB + CPU_PROCESS_GIB)
+    gpu = estimate(settings, False, HARDWARE["t4-small"], memory)
+    assert gpu.seconds is None and gpu.memory_gib == memory.needed and "⚠️" not in gpu.markdown(HARDWARE["t4-small"])
+    assert "No GPU time has been measured" in gpu.markdown(HARDWARE["t4-small"])
+    floor = gpu.memory_floor_gib
+    assert memory.weights / GIB < floor < memory.peak / GIB
+    between = Hardware("a GPU between the floor and the peak", (floor + gpu.memory_gib) / 2, 0.0)
+    assert "May not fit" in estimate(settings, False, between, memory).markdown(between)
+    below = Hardware("a GPU below the floor", floor / 2, 0.0)
+    assert "Will not fit" in estimate(settings, False, below, memory).markdown(below)
+
+    assert "estimating" in estimate(settings, False, below, None).markdown(below)
+    failed = planned_memory(["--pretrained_model_name_or_path", str(tiny_model / "missing"), "--instance_prompt", "x"])
+    assert isinstance(failed, str) and "could not size" in failed
+    assert "No memory estimate" in estimate(settings, False, below, failed).markdown(below)
 
 
 @dataclass

@@ -215,7 +215,10 @@ def _base_layer(model: torch.nn.Module, path: str) -> torch.nn.Module:
 
 
 def _base_weight(model: torch.nn.Module, path: str) -> torch.Tensor:
-    return _base_layer(model, path).weight.detach()
+    """The module's base weight as plain numbers (a weight --quantize_unet stored in int8 / fp8: dequantised)."""
+    from peft.utils.integrations import dequantize_module_weight
+
+    return dequantize_module_weight(_base_layer(model, path)).detach()
 
 
 def check_ia3_module(model: torch.nn.Module, path: str, on_input: bool) -> None:

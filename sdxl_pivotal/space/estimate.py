@@ -1,25 +1,26 @@
 """Before training: time, cost and memory for the chosen settings and hardware.
 
-Measured figures: the embedded tiny SDXL on a 2-core CPU (benchmarks/README.md: 0.136 s/step at 128 px,
-batch 4, one thread; the `small` preset 1.614 s/step at 256 px). No GPU figure has been measured yet: for SDXL
-on a GPU the time is not estimated, and the memory is the weights and optimizer state (exact, from parameter
-counts) plus an activation allowance that is an assumption, labelled as such, until measured.
+Memory is the memory planner's (`sdxl_pivotal.plan`): the trainer's own code run for two steps on fake tensors of
+the chosen model's shapes, every live tensor counted; on a GPU plus the CUDA context and allocator slack, on the CPU
+plus what the process holds besides tensors (the libraries). At SDXL size it takes about a minute of one CPU core,
+so it runs in a worker process and each command's result is kept. Time: measured figures of the embedded tiny SDXL
+on a 2-core CPU (benchmarks/README.md: 0.136 s/step at 128 px, batch 4, one thread); no GPU time has been measured
+yet, so none is given for SDXL on a GPU.
 """
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 
-GIB = 1024**3
-# Parameters of SDXL base: UNet, CLIP ViT-L, OpenCLIP ViT-bigG, VAE.
-SDXL_FROZEN_PARAMETERS = 2_567_463_684 + 123_060_480 + 694_659_840 + 83_653_863
-# Trainable parameters of a rank-r attention LoRA on SDXL's UNet: 5.81 M at rank 4 (README, adapter_sizes.py).
-SDXL_LORA_PARAMETERS_PER_RANK = 5.81e6 / 4
-# Assumed, not measured: activation memory per image at 1024 px with mixed precision, without / with gradient
-# checkpointing.
-ASSUMED_ACTIVATION_GIB = (8.0, 2.0)
+from ..plan import GIB, MemoryEstimate
+
 # Measured on the 2-core CPU VM (benchmarks/README.md): s/step of the tiny SDXL at 128 px, batch 4, one thread.
 TINY_CPU_S_PER_STEP = 0.136
+# What a CPU training process holds besides tensors (libraries, interpreter): peak RSS less the peak of live tensors
+# of the small preset's pivotal + prior run at 256 px (benchmarks/README.md: 0.88 GiB RSS, 0.30 GiB tensors).
+CPU_PROCESS_GIB = 0.6
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,8 @@ HARDWARE = {
 @dataclass
 class Estimate:
     seconds: float | None
-    memory_gib: float
-    memory_floor_gib: float  # weights + optimizer state alone
+    memory_gib: float | None  # None: no planner figure (still computing, or it failed)
+    memory_floor_gib: float | None  # weights + gradients + optimizer state alone
     notes: list[str]
 
     def markdown(self, hardware: Hardware) -> str:
@@ -56,33 +57,81 @@ class Estimate:
         else:
             cost = self.seconds / 3600 * hardware.usd_per_hour
             lines.append(f"**Time:** about {self.seconds / 60:.1f} min (measured s/step, scaled) · cost ${cost:.2f}")
-        lines.append(f"**Memory:** about {self.memory_gib:.1f} GiB of {hardware.memory_gib:g} GiB")
-        if self.memory_floor_gib > hardware.memory_gib:
+        if self.memory_gib is None:
+            lines.append("**Memory:** estimating…")
+        else:
+            lines.append(f"**Memory:** about {self.memory_gib:.1f} GiB of {hardware.memory_gib:g} GiB")
+        if self.memory_floor_gib is not None and self.memory_floor_gib > hardware.memory_gib:
             lines.append("⚠️ **Will not fit:** the weights and optimizer state alone exceed the memory.")
-        elif self.memory_gib > hardware.memory_gib:
-            lines.append("⚠️ **May not fit:** lower the batch size or resolution, or turn on gradient checkpointing.")
+        elif self.memory_gib is not None and self.memory_gib > hardware.memory_gib:
+            lines.append(
+                "⚠️ **May not fit:** turn on gradient checkpointing, 8-bit Adam or --quantize_unet int8, or lower "
+                "the batch size or resolution (`python -m sdxl_pivotal.plan --gpu_memory N <flags>` proposes one)."
+            )
         return "\n\n".join(lines + [f"<small>{note}</small>" for note in self.notes])
 
 
-def estimate(settings: dict, tiny: bool, hardware: Hardware) -> Estimate:
-    """Time and memory for `settings` (trainer `dest` -> value) on `hardware`."""
+def estimate(settings: dict, tiny: bool, hardware: Hardware, memory: MemoryEstimate | str | None) -> Estimate:
+    """Time and memory for `settings` (trainer `dest` -> value) on `hardware`; `memory` is the planner's estimate of
+    the same command (`planned_memory`), the reason it has none (str), or None while it is being computed."""
     batch = int(settings.get("train_batch_size") or 4) * int(settings.get("gradient_accumulation_steps") or 1)
     resolution = int(settings.get("resolution") or 1024)
     steps = int(settings.get("max_train_steps") or 0)
-    if tiny:
-        seconds = None
-        notes = ["Tiny model: memory is small; time from its measured CPU speed (benchmarks/README.md)."]
-        if not hardware.gpu:
-            seconds = steps * TINY_CPU_S_PER_STEP * batch / 4 * (resolution / 128) ** 2
-        return Estimate(seconds, 1.0, 0.5, notes)
-    bytes_per_weight = 2 if settings.get("mixed_precision") in ("fp16", "bf16") else 4
-    trainable = SDXL_LORA_PARAMETERS_PER_RANK * int(settings.get("rank") or 4)
-    floor = (SDXL_FROZEN_PARAMETERS * bytes_per_weight + trainable * 16) / GIB  # fp32 weight, grad, 2 Adam moments
-    per_image = ASSUMED_ACTIVATION_GIB[1 if settings.get("gradient_checkpointing") else 0]
-    activations = per_image * int(settings.get("train_batch_size") or 4) * (resolution / 1024) ** 2
-    notes = [
-        f"Weights and optimizer state: {floor:.1f} GiB (from SDXL's parameter counts). Activations: an assumed "
-        f"{per_image:g} GiB per image at 1024 px, not yet measured.",
-        "No GPU time has been measured yet, so no time or cost is given for SDXL.",
-    ]
-    return Estimate(None, floor + activations, floor, notes)
+    seconds = None
+    notes = []
+    if tiny and not hardware.gpu:
+        seconds = steps * TINY_CPU_S_PER_STEP * batch / 4 * (resolution / 128) ** 2
+        notes.append("Time from the tiny model's measured CPU speed (benchmarks/README.md).")
+    elif not tiny:
+        notes.append("No GPU time has been measured yet, so no time or cost is given for SDXL.")
+    if not isinstance(memory, MemoryEstimate):
+        if isinstance(memory, str):
+            notes.append(f"No memory estimate: {memory}")
+        return Estimate(seconds, None, None, notes)
+    floor = memory.weights + memory.trainable_numbers * (4 + memory.optimizer_state_bytes)
+    if hardware.gpu:
+        needed = memory.needed
+        notes.append(f"Memory planner: {memory.summary()}.")
+    else:
+        needed = memory.peak / GIB + CPU_PROCESS_GIB
+        notes.append(
+            f"Memory planner: tensors peak at {memory.peak / GIB:.2f} GiB, plus about {CPU_PROCESS_GIB} GiB of "
+            "libraries."
+        )
+    notes += [f"Note: {note}." for note in memory.notes]
+    return Estimate(seconds, needed, floor / GIB, notes)
+
+
+_PLANS: dict[tuple[str, ...], MemoryEstimate | str] = {}
+_POOL: list[ProcessPoolExecutor] = []
+_LOCK = threading.Lock()
+
+
+def cached_memory(argv: list[str]) -> MemoryEstimate | str | None:
+    """The planner's estimate of the trainer command `argv` if it was computed before, else None."""
+    return _PLANS.get(tuple(argv))
+
+
+def planned_memory(argv: list[str]) -> MemoryEstimate | str:
+    """The planner's estimate of the trainer command `argv` (computed once, in a worker process), or why there is
+    none (a setting the planner cannot read, a model whose configs are not at hand)."""
+    key = tuple(argv)
+    if key not in _PLANS:
+        with _LOCK:
+            if not _POOL:
+                import multiprocessing
+
+                _POOL.append(ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")))
+            future: Future = _POOL[0].submit(_plan_in_worker, key)
+        _PLANS[key] = future.result()
+    return _PLANS[key]
+
+
+def _plan_in_worker(argv: tuple[str, ...]) -> MemoryEstimate | str:
+    from ..plan import estimate as plan_estimate
+    from ..plan import parse_plan_args
+
+    try:
+        return plan_estimate(parse_plan_args(list(argv))[1])
+    except (Exception, SystemExit) as error:  # argparse exits on a bad value: the estimate is not the place to fail
+        return f"the planner could not size this command ({type(error).__name__}: {error})"

@@ -20,7 +20,7 @@ from ..caption import DEFAULT_MODEL, Captioner, with_concept
 from ..errors import InputError
 from ..tiny import save_tiny_sdxl
 from . import command as cmd
-from .estimate import HARDWARE, estimate
+from .estimate import HARDWARE, cached_memory, estimate, planned_memory
 from .presets import PRESETS, preset_settings
 from .progress import log_tail, loss_frame, read_progress, validation_images
 from .results import TryIt, push_to_hub, result_files, write_results_zip
@@ -139,15 +139,30 @@ class SpaceApp:
             cmd.trainer_arguments({**settings, **owned}), self.num_gpus, settings.get("mixed_precision"), threads
         )
 
-    def command_and_estimate(self, folder, name, hardware, *values) -> tuple[str, str]:
-        """The command the app will run, and the estimate for the chosen hardware."""
+    def command_text(self, folder, name, hardware, *values) -> str:
+        """The command the app will run."""
+        try:
+            return cmd.shell_text(self.run_command(folder, name, self.settings(values)))
+        except (ValueError, KeyError) as error:
+            return f"# invalid setting: {error}"
+
+    def estimate_text(self, folder, name, hardware, *values):
+        """The estimate for the chosen hardware: at once, then with the memory planner's figure when it is ready
+        (about a minute at SDXL size the first time a command is seen; a listener apart from the command's, so the
+        command never waits for it)."""
         try:
             settings = self.settings(values)
-            command = cmd.shell_text(self.run_command(folder, name, settings))
-        except (ValueError, KeyError) as error:
-            return f"# invalid setting: {error}", ""
+            argv = cmd.trainer_arguments(settings)
+        except (ValueError, KeyError):
+            yield ""
+            return
         tiny = settings["pretrained_model_name_or_path"] in {str(path) for path in self.tiny_models.values()}
-        return command, estimate(settings, tiny, HARDWARE[hardware]).markdown(HARDWARE[hardware])
+        chosen = HARDWARE[hardware]
+        memory = cached_memory(argv)
+        if memory is None:
+            yield estimate(settings, tiny, chosen, None).markdown(chosen)
+            memory = planned_memory(argv)
+        yield estimate(settings, tiny, chosen, memory).markdown(chosen)
 
     # --- images and captions -------------------------------------------------------------------------------
     def upload(self, files, folder, version):
@@ -402,13 +417,9 @@ class SpaceApp:
                 model_outputs,
             )
             # One listener for every setting (a listener per widget would make the page config huge).
-            gr.on(
-                [w.change for w in [*inputs, name, hardware]] + [folder.change, demo.load],
-                self.command_and_estimate,
-                [folder, name, hardware, *inputs],
-                [command_box, estimate_box],
-                show_progress="hidden",
-            )
+            triggers = [w.change for w in [*inputs, name, hardware]] + [folder.change, demo.load]
+            for listener, box in ((self.command_text, command_box), (self.estimate_text, estimate_box)):
+                gr.on(triggers, listener, [folder, name, hardware, *inputs], box, show_progress="hidden")
             start_button.click(self.start, [folder, name, *inputs], [run_id, folder, version])
             stop_button.click(lambda r: self.control(r, "stop"), run_id, control_message)
             save_button.click(lambda r: self.control(r, "save"), run_id, control_message)
