@@ -42,11 +42,13 @@ def test_detectors_read_the_scenes_they_are_given():
     readings = [world.read_image(world.render(scene, 64, rng)) for scene in scenes]
     assert [r.background for r in readings] == [s.background for s in scenes]
     assert [r.color for r in readings] == [s.color for s in scenes]
+    assert [r.shape for r in readings] == [s.shape for s in scenes]
+    assert {s.shape for s in scenes} == set(world.SHAPES)
     for scene, reading in zip(scenes, readings, strict=True):
         assert abs(reading.centroid[0] - scene.center[0]) < 0.08
         assert abs(reading.centroid[1] - scene.center[1]) < 0.08
     blank = world.read_image(Image.new("RGB", (64, 64), world.COLORS["green"]))
-    assert blank.background == "green" and blank.foreground_fraction == 0 and blank.color == ""
+    assert blank.background == "green" and blank.foreground_fraction == 0 and blank.color == "" and blank.shape == ""
 
 
 def test_subject_fidelity_separates_the_subject_from_the_world(tmp_path):
