@@ -1,6 +1,6 @@
 """DreamBooth quality on the tiny world: a table over training configurations, several seeds per cell.
 
-    python benchmarks/quality.py --steps 150 --seeds 0 1 --configs lora pivotal 'pivotal+prior (demo)' te-lora
+    python benchmarks/quality.py --steps 200 --seeds 0 1 --configs lora pivotal 'pivotal+prior (demo)' te-lora
 
 Each configuration trains the demo subject (`world.write_subject_images`, "TOK circle") on the pretrained
 tiny SDXL with the real trainer (`quality.train_subject`: the demo's recipe plus the configuration's flags),
@@ -15,6 +15,7 @@ and DIV (`sdxl_pivotal.paper_metrics`) are added.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import tempfile
@@ -51,6 +52,7 @@ def configurations(class_dir: Path) -> dict[str, tuple[str, ...]]:
         "te-lora": (*snr, "--train_text_encoder", "--text_encoder_lr", "1e-4"),
         "pivotal+prior prodigy": (*snr, *PIVOTAL_FLAGS, *prior, "--optimizer", "prodigy", "--learning_rate", "1"),
         "pivotal+prior no-min-snr": (*PIVOTAL_FLAGS, *prior),
+        "pivotal+prior rank 4": (*snr, *PIVOTAL_FLAGS, *prior, "--rank", "4"),
         "pivotal+prior rank 16": (*snr, *PIVOTAL_FLAGS, *prior, "--rank", "16"),
         "pivotal+prior rank 32": (*snr, *PIVOTAL_FLAGS, *prior, "--rank", "32"),
     }
@@ -71,7 +73,7 @@ def main() -> None:
     parser.add_argument("--configs", nargs="*", default=["lora", "pivotal", "pivotal+prior (demo)", "te-lora"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="training seeds")
     parser.add_argument("--sample_seeds", type=int, default=4, help="sampling seeds per prompt (0..N-1)")
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", nargs="+", type=int, default=[200], help="training steps (a row per count)")
     parser.add_argument("--work_dir", default=None, help="keep runs here (default: a temporary folder)")
     parser.add_argument("--output", default=None, help="also write the table to this file")
     parser.add_argument("--base_grid", default=None, help="write the base model's world samples here (PNG)")
@@ -93,8 +95,9 @@ def main() -> None:
     base_pipe, _ = load_pipeline(model)
     accuracy, world_rows = world_accuracy(base_pipe, sample_seeds)
     print(
-        f"base model draws the prompt's background {accuracy['background']:.0%} and shape colour "
-        f"{accuracy['shape_color']:.0%} of the time ({len(WORLD_PROMPTS)} prompts x {len(sample_seeds)} seeds)"
+        f"base model draws the prompt's background {accuracy['background']:.0%}, shape colour "
+        f"{accuracy['shape_color']:.0%}, shape {accuracy['shape']:.0%}, all three {accuracy['all']:.0%} of the "
+        f"time ({len(WORLD_PROMPTS)} prompts x {len(sample_seeds)} seeds)"
     )
     if options.base_grid:
         image_grid(world_rows, [p.removeprefix("a photo of ") for p in WORLD_PROMPTS]).save(options.base_grid)
@@ -112,16 +115,17 @@ def main() -> None:
         return values
 
     rows = {"base model": {m: [v] for m, v in evaluate(base).items()}}
-    for name in options.configs:
+    for name, steps in itertools.product(options.configs, options.steps):
+        row = name if len(options.steps) == 1 else f"{name}, {steps} steps"
         results: dict[str, list[float]] = {m: [] for m in metrics}
         for seed in options.seeds:
-            run = work / f"{name.replace(' ', '_')}-seed{seed}"
-            train_subject(model, images, run, options.steps, seed, "--overwrite_output_dir", *all_configs[name])
+            run = work / f"{name.replace(' ', '_')}-{steps}-seed{seed}"
+            train_subject(model, images, run, steps, seed, "--overwrite_output_dir", *all_configs[name])
             pipe, tok = load_pipeline(model, run)
             for metric, value in evaluate(sample(pipe, tok, sample_seeds)).items():
                 results[metric].append(value)
-            print(name, seed, {m: round(v[-1], 3) for m, v in results.items()}, flush=True)
-        rows[name] = results
+            print(row, seed, {m: round(v[-1], 3) for m, v in results.items()}, flush=True)
+        rows[row] = results
     header = "| configuration | " + " | ".join(metrics) + " |"
     lines = [header, "|" + "---|" * (len(metrics) + 1)]
     lines += [f"| {name} | " + " | ".join(cell(r[m]) for m in metrics) + " |" for name, r in rows.items()]

@@ -166,16 +166,18 @@ WORLD_PROMPTS = (
 
 
 def world_accuracy(pipe, seeds: list[int], prompts=WORLD_PROMPTS) -> tuple[dict[str, float], list[list[Image.Image]]]:
-    """Share of samples whose detected background / shape colour is the prompt's, and the samples (per prompt)."""
-    rows, background, color = [], [], []
+    """Share of samples whose detected background, shape colour, shape, and all three are the prompt's; and the
+    samples (per prompt)."""
+    rows, hits = [], {"background": [], "shape_color": [], "shape": [], "all": []}
     for prompt in prompts:
         words = prompt.split()  # "a photo of a <colour> <shape> on a <background> background"
         images = generate(pipe, prompt, seeds)
         rows.append(images)
-        readings = [read_image(image) for image in images]
-        background += [r.background == words[8] for r in readings]
-        color += [r.color == words[4] for r in readings]
-    return {"background": float(np.mean(background)), "shape_color": float(np.mean(color))}, rows
+        for reading in map(read_image, images):
+            found = (reading.background == words[8], reading.color == words[4], reading.shape == words[5])
+            for name, hit in zip(hits, (*found, all(found)), strict=True):
+                hits[name].append(hit)
+    return {name: float(np.mean(values)) for name, values in hits.items()}, rows
 
 
 # The demo's training recipe (examples/demo.sh) as flags of the training script; configurations add to it.

@@ -42,11 +42,26 @@ def test_detectors_read_the_scenes_they_are_given():
     readings = [world.read_image(world.render(scene, 64, rng)) for scene in scenes]
     assert [r.background for r in readings] == [s.background for s in scenes]
     assert [r.color for r in readings] == [s.color for s in scenes]
+    assert [r.shape for r in readings] == [s.shape for s in scenes]
+    assert {s.shape for s in scenes} == set(world.SHAPES)
     for scene, reading in zip(scenes, readings, strict=True):
         assert abs(reading.centroid[0] - scene.center[0]) < 0.08
         assert abs(reading.centroid[1] - scene.center[1]) < 0.08
     blank = world.read_image(Image.new("RGB", (64, 64), world.COLORS["green"]))
-    assert blank.background == "green" and blank.foreground_fraction == 0 and blank.color == ""
+    assert blank.background == "green" and blank.foreground_fraction == 0 and blank.color == "" and blank.shape == ""
+
+
+def test_detectors_ignore_a_frame_and_shading_as_generated_images_have():
+    """Generated backgrounds are shaded and often framed by a darker pixel or two (the VAE's edges)."""
+    rng = np.random.default_rng(1)
+    scenes = [world.random_scene(rng) for _ in range(24)]
+    ys, xs = np.mgrid[0:64, 0:64] / 63
+    for scene in scenes:
+        pixels = np.asarray(world.render(scene, 64, rng), dtype=np.float32)
+        pixels += (40 * (xs - 0.5) + 30 * np.sin(6 * ys))[..., None]  # a gradient and bands, up to ~50 levels
+        pixels[[0, -1], :] = pixels[:, [0, -1]] = 0.4 * pixels[:, [0, -1]].mean(axis=(0, 1))  # a dark frame
+        reading = world.read_image(Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)))
+        assert (reading.background, reading.color) == (scene.background, scene.color), scene
 
 
 def test_subject_fidelity_separates_the_subject_from_the_world(tmp_path):
