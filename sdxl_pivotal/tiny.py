@@ -232,6 +232,7 @@ def build_pretrained_tiny_sdxl(weights_dir: str | Path = PRETRAINED_DIR):
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         state = {k: v.float() for k, v in load_file(weights_dir / f"{name}.safetensors").items()}
         getattr(pipe, name).load_state_dict(state)
+        getattr(pipe, name).eval()  # as `from_pretrained` gives them: built modules start in training mode
     pipe.vae.register_to_config(scaling_factor=recipe["vae_scaling_factor"])
     pipe.unet.register_to_config(sample_size=recipe["resolution"] // pipe.vae_scale_factor)
     return pipe
