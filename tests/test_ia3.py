@@ -369,17 +369,10 @@ def test_merge_tool_fuses_ia3_into_the_pipeline(tiny_model, demo_images, tmp_pat
 @pytest.mark.slow
 def test_two_processes_train_and_resume_ia3_exactly(tiny_model, demo_images, tmp_path):
     """(IA)³ with pivotal tuning and per-block learning rates under DDP (2 CPU processes), resumed exactly."""
-    import shutil
-
-    from test_multiprocess import torchrun
+    from test_multiprocess import torchrun_and_resume
 
     flags = (*IA3, "--learning_rate", "3e-1", "--unet_block_lr", "mid=0.5")
-    full = tmp_path / "full"
-    assert "x 2 processes" in torchrun(full, tiny_model, demo_images, *flags).stderr
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
-    torchrun(resumed, tiny_model, demo_images, *flags, "--resume_from_checkpoint", "latest")
+    full, resumed = torchrun_and_resume(tmp_path, tiny_model, demo_images, *flags)
     assert_same_tensors(lora_file(resumed), lora_file(full))
     right = {key.replace(".resumed.", ".full."): v for key, v in load_file(resumed / "resumed.safetensors").items()}
     assert_same_tensors(right, load_file(full / "full.safetensors"))

@@ -532,22 +532,15 @@ def test_svd_merge_bad_input_is_one_line(tiny_model, demo_images, tmp_path, caps
 @pytest.mark.slow
 def test_two_processes_with_kohya_options_resume_exactly(run_training, tiny_model, demo_images, tmp_path):
     """--network_weights, block-weight presets, epoch saves and sample prompts under DDP (2 CPU processes)."""
-    import shutil
-
-    from test_multiprocess import torchrun
+    from test_multiprocess import torchrun_and_resume
 
     start = run_training(tmp_path / "start", "--max_train_steps", "1", "--rank", "2", "--learning_rate", "1e-2")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("TOK toy --w 32 --h 32 --s 1 --d 3\n")
     flags = ("--network_weights", str(start / "pytorch_lora_weights.safetensors"), "--unet_block_lr", "up=cosine+0.5")
     flags += ("--save_every_n_epochs", "1", "--sample_prompts", str(prompts), "--sample_every_n_steps", "2")
-    full = tmp_path / "full"
-    torchrun(full, tiny_model, demo_images, *flags)
+    full, resumed = torchrun_and_resume(tmp_path, tiny_model, demo_images, *flags)
     assert sorted(p.name for p in (full / "samples").iterdir()) == ["step-2", "step-4"]
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
-    torchrun(resumed, tiny_model, demo_images, *flags, "--resume_from_checkpoint", "latest")
     left, right = (
         load_file(full / "pytorch_lora_weights.safetensors"),
         load_file(resumed / "pytorch_lora_weights.safetensors"),

@@ -44,6 +44,16 @@ def torchrun(output_dir: Path, model: Path, images: Path, *extra: str) -> subpro
     return result
 
 
+def torchrun_and_resume(tmp_path: Path, model: Path, images: Path, *flags: str) -> tuple[Path, Path]:
+    """A 2-process run in `full/`, and one resumed from its checkpoint-2 in `resumed/`: the two output folders."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    assert "x 2 processes" in torchrun(full, model, images, *flags).stderr
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
+    torchrun(resumed, model, images, *flags, "--resume_from_checkpoint", "latest")
+    return full, resumed
+
+
 @pytest.mark.slow
 def test_two_processes_train_and_resume_exactly(tiny_model, demo_images, tmp_path):
     full = tmp_path / "full"
@@ -79,12 +89,7 @@ def test_two_processes_train_and_resume_loha_with_block_learning_rates(tiny_mode
     """LoHa with Tucker convolutions, module dropout and per-block learning-rate groups under DDP."""
     flags = ("--adapter", "loha", "--conv_rank", "2", "--use_effective_conv2d", "--module_dropout", "0.1")
     flags += ("--unet_block_lr", "mid=0.5,up=2")
-    full = tmp_path / "full"
-    torchrun(full, tiny_model, demo_images, *flags)
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
-    torchrun(resumed, tiny_model, demo_images, *flags, "--resume_from_checkpoint", "latest")
+    full, resumed = torchrun_and_resume(tmp_path, tiny_model, demo_images, *flags)
     for name in ("pytorch_lora_weights.safetensors", "{}.safetensors"):  # diffusers file, kohya file
         left, right = load_file(full / name.format("full")), load_file(resumed / name.format("resumed"))
         # the kohya file bundles the embeddings under the run's name
@@ -98,12 +103,7 @@ def test_two_processes_train_and_resume_dylora(tiny_model, demo_images, tmp_path
     """DyLoRA's per-step truncation under DDP (every process draws the step's rank from the seed and the step),
     convolutions included: it trains, and resumes exactly."""
     flags = ("--adapter", "dylora", "--rank", "8", "--dylora_unit", "2", "--conv_rank", "4")
-    full = tmp_path / "full"
-    torchrun(full, tiny_model, demo_images, *flags)
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
-    torchrun(resumed, tiny_model, demo_images, *flags, "--resume_from_checkpoint", "latest")
+    full, resumed = torchrun_and_resume(tmp_path, tiny_model, demo_images, *flags)
     left, right = (
         load_file(full / "pytorch_lora_weights.safetensors"),
         load_file(resumed / "pytorch_lora_weights.safetensors"),
