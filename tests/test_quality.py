@@ -9,8 +9,8 @@ import pytest
 from sdxl_pivotal import quality, world
 
 STEPS = 200
-SUBJECT_MARGIN = 0.1
-DRIFT_MARGIN = 0.1
+SUBJECT_MARGIN = 0.4
+DRIFT_MARGIN = 0.05
 
 
 def subject_at(background: str, seed: int):
@@ -77,7 +77,7 @@ def subject_runs(tmp_path_factory):
 
 @pytest.mark.slow
 def test_short_run_learns_the_subject(subject_runs):
-    # Measured: MEASURED_SUBJECT
+    # Measured (seed 0): base 0.000; demo 0.697, pivotal 0.705, lora 0.705.
     for name in ("demo", "pivotal", "lora"):
         assert subject_runs[name].subject_fidelity > subject_runs["base"].subject_fidelity + SUBJECT_MARGIN, name
 
@@ -85,15 +85,19 @@ def test_short_run_learns_the_subject(subject_runs):
 @pytest.mark.slow
 def test_prior_preservation_reduces_language_drift(subject_runs):
     """DreamBooth's claim, in its own setting: the identifier is an ordinary word before the class noun, so a UNet
-    LoRA drags the class prompt towards the subject; the class images hold it back. Measured: MEASURED_PRIOR"""
+    LoRA drags the class prompt towards the subject; the class images hold it back. With pivotal tuning they keep
+    the class samples free of the subject's colours too (their pixel drift is not lower: benchmarks/README.md).
+    Measured (seed 0): class subject fidelity 0.392 -> 0.275 and class drift 0.390 -> 0.319 for the LoRA; class
+    subject fidelity 0.094 -> 0.004 with pivotal tuning (base model 0.006)."""
     drifted, held = subject_runs["lora"], subject_runs["lora+prior"]
     assert held.class_subject_fidelity < drifted.class_subject_fidelity - DRIFT_MARGIN
     assert held.class_drift < drifted.class_drift
+    assert subject_runs["demo"].class_subject_fidelity < subject_runs["pivotal"].class_subject_fidelity - DRIFT_MARGIN
 
 
 @pytest.mark.slow
 def test_pivotal_tokens_keep_the_class_prompt_apart(subject_runs):
     """New tokens carry the subject, so the class prompt (which has none of them) moves far less than with an
-    ordinary word. Measured: MEASURED_PIVOTAL"""
+    ordinary word. Measured (seed 0): class subject fidelity 0.094 vs 0.392, class drift 0.141 vs 0.390."""
     assert subject_runs["pivotal"].class_subject_fidelity < subject_runs["lora"].class_subject_fidelity - DRIFT_MARGIN
     assert subject_runs["pivotal"].class_drift < subject_runs["lora"].class_drift
