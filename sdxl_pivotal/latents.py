@@ -71,8 +71,10 @@ def scale_latents(latents: torch.Tensor, vae_config) -> torch.Tensor:
     return (latents - mean) * vae_config.scaling_factor / std
 
 
-def build_latent_cache(dataset, vae: torch.nn.Module, cache_dir: Path | None, batch_size: int = 8) -> dict:
-    """Encode every (record, size, flip) the dataset can ask for; return {CacheKey: CachedLatents}."""
+def build_latent_cache(dataset, vae: torch.nn.Module, cache_dir: Path | None, batch_size: int) -> dict:
+    """Encode every (record, size, flip) the dataset can ask for, `batch_size` images per VAE call (the training
+    batch size: caching then never needs more memory than a training step's encoding would); return
+    {CacheKey: CachedLatents}."""
     fingerprint = vae_fingerprint(vae) if cache_dir else ""
     device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
     jobs = []  # (key, pixels, original_size, crop)

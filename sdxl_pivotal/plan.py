@@ -40,7 +40,6 @@ logger = logging.getLogger(__name__)
 GIB = 2**30
 CONTEXT_GIB = 0.6  # CUDA context + library workspaces, outside the caching allocator (a guess)
 FRAGMENTATION = 0.10  # reserved / allocated - 1 of the caching allocator (a guess)
-LATENT_CACHE_BATCH = 8  # images per VAE call while caching latents (latents.build_latent_cache)
 # Optimizer state per trainable number, bytes; AdamW's is measured by the fake run, the others replace it.
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16}
 
@@ -347,7 +346,7 @@ def estimate(args: argparse.Namespace) -> MemoryEstimate:
                 with torch.no_grad():
                     vae_dtype = next(parts.vae.parameters()).dtype
                     size = args.resolution
-                    parts.vae.encode(torch.zeros(LATENT_CACHE_BATCH, 3, size, size, dtype=vae_dtype))
+                    parts.vae.encode(torch.zeros(args.train_batch_size, 3, size, size, dtype=vae_dtype))
                 _replace_tensors(parts.vae, meta)
             for step in range(2):  # the second step holds the optimizer state from the first
                 generator = step_generator(0, step, 0)

@@ -399,7 +399,7 @@ def train(args: argparse.Namespace) -> Path:
         warn_if_truncated(parts.tokenizer, captions, args.max_token_length)
     if args.cache_latents:
         cache_dir = Path(args.latents_cache_dir) if args.latents_cache_dir else None
-        dataset.latent_cache = build_latent_cache(dataset, parts.vae, cache_dir)
+        dataset.latent_cache = build_latent_cache(dataset, parts.vae, cache_dir, args.train_batch_size)
         parts.vae.to("cpu")  # needed again only to decode validation images
     models = trained_models(parts, args)
     nested_ranks = NestedRanks(models.values(), args.dylora_unit) if args.adapter == "dylora" else None

@@ -27,7 +27,7 @@ def setup(tiny_model: Path, demo_images: Path, tmp_path: Path, *extra: str):
 
 def test_cached_latents_equal_on_the_fly_encoding_with_both_flips(tiny_model, demo_images, tmp_path):
     _, dataset, vae = setup(tiny_model, demo_images, tmp_path, "--random_flip")
-    cache = build_latent_cache(dataset, vae, None)
+    cache = build_latent_cache(dataset, vae, None, 2)
     assert len(cache) == 2 * len(dataset.records), "two flips per image"
     for index, record in enumerate(dataset.records):
         resized, _ = dataset._resized_image(record, (64, 64))
@@ -51,7 +51,7 @@ def test_cached_latents_equal_on_the_fly_encoding_with_both_flips(tiny_model, de
 
 def test_disk_cache_is_reused_without_the_vae(tiny_model, demo_images, tmp_path):
     _, dataset, vae = setup(tiny_model, demo_images, tmp_path)
-    first = build_latent_cache(dataset, vae, tmp_path / "latents")
+    first = build_latent_cache(dataset, vae, tmp_path / "latents", 2)
     files = sorted((tmp_path / "latents").glob("*.safetensors"))
     assert len(files) == len(dataset.records)
 
@@ -60,12 +60,12 @@ def test_disk_cache_is_reused_without_the_vae(tiny_model, demo_images, tmp_path)
 
     vae.encode = no_encoding
     _, again_dataset, _ = setup(tiny_model, demo_images, tmp_path)
-    second = build_latent_cache(again_dataset, vae, tmp_path / "latents")
+    second = build_latent_cache(again_dataset, vae, tmp_path / "latents", 2)
     assert first.keys() == second.keys() and all(torch.equal(first[k].params, second[k].params) for k in first)
 
     # Another resolution is another key: encoded, not served from the 64 px entries.
     _, other, fresh_vae = setup(tiny_model, demo_images, tmp_path, "--resolution", "128")
-    build_latent_cache(other, fresh_vae, tmp_path / "latents")
+    build_latent_cache(other, fresh_vae, tmp_path / "latents", 2)
     assert len(list((tmp_path / "latents").glob("*.safetensors"))) == 2 * len(dataset.records)
 
 

@@ -180,10 +180,10 @@ def test_disk_cache_is_not_reused_after_the_vae_changes(tiny_model, demo_images,
     args = flags(tiny_model, demo_images, tmp_path)
     dataset = DreamBoothDataset(load_records(args)[:2], args, seed=0)
     vae = load_sdxl(args).vae
-    build_latent_cache(dataset, vae, tmp_path / "latents")
+    build_latent_cache(dataset, vae, tmp_path / "latents", 2)
     with torch.no_grad():
         vae.encoder.conv_in.weight.mul_(1.5)  # another VAE
-    cache = build_latent_cache(dataset, vae, tmp_path / "latents")
+    cache = build_latent_cache(dataset, vae, tmp_path / "latents", 2)
     for index, record in enumerate(dataset.records):
         sample = dataset._prepare(record, dataset.sizes[index], cached_crop_rng(0, index, False))
         with torch.no_grad():
@@ -209,7 +209,7 @@ def test_cached_latents_with_buckets_equal_uncached_on_non_square_images(tiny_mo
     assert all(size.width != size.height for size in dataset.sizes)
     vae = load_sdxl(args).vae
     uncached = [dataset[(0, i)] for i in range(2)]
-    dataset.latent_cache = build_latent_cache(dataset, vae, None)
+    dataset.latent_cache = build_latent_cache(dataset, vae, None, 2)
     for i, plain in enumerate(uncached):
         cached = dataset[(0, i)]
         assert plain.pixel_values.shape[1:] == dataset.sizes[i].hw
