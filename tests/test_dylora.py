@@ -169,15 +169,17 @@ def loss_with(tiny_model: Path, args, lora: Path | None) -> float:
 
 
 @pytest.mark.slow
-def test_low_truncations_of_a_dylora_are_far_better_than_an_ordinary_loras(
+def test_truncations_of_a_dylora_are_far_better_than_an_ordinary_loras(
     run_training, tiny_model, demo_images, tmp_path
 ):
-    """DyLoRA and an ordinary LoRA, same flags, seed and steps, both cut by `extract-dylora`: at ranks 4 and 8 of
-    16 DyLoRA's loss is far lower; at 12 and 16 the ordinary LoRA's is as low or lower (printed, not asserted):
-    DyLoRA trains rank 16 in a quarter of the steps only."""
+    """DyLoRA and an ordinary LoRA, same flags, seed and steps, both cut by `extract-dylora`: at every truncation
+    (ranks 4, 8 and 12 of 16) DyLoRA's loss is far lower. At full rank (no truncation) the ordinary LoRA's is
+    lower (printed, not asserted): DyLoRA trains rank 16 in a quarter of the steps only. Measured at 180 steps:
+    0.341 / 0.267 / 0.239 / 0.233 against 0.592 / 0.394 / 0.274 / 0.204 (ratios 0.58 / 0.68 / 0.87); at 60 steps
+    rank 12 was not yet lower (0.351 vs 0.338)."""
     flags = (
         *("--rank", str(RANK), "--conv_rank", str(RANK), "--lora_alpha", "4", "--conv_alpha", "4"),
-        *("--learning_rate", "1e-2", "--max_train_steps", "60"),
+        *("--learning_rate", "1e-2", "--max_train_steps", "180"),
     )
     runs = {
         "dylora": run_training(tmp_path / "dylora", *flags, "--adapter", "dylora", "--dylora_unit", str(UNIT)),
@@ -193,7 +195,7 @@ def test_low_truncations_of_a_dylora_are_far_better_than_an_ordinary_loras(
     print(f"\nbase model loss {loss_with(tiny_model, args, None):.4f}")
     for rank in RANKS:
         print(f"rank {rank:2}: DyLoRA {losses['dylora', rank]:.4f}  LoRA {losses['lora', rank]:.4f}")
-    for rank in (4, 8):
+    for rank in RANKS[:-1]:
         assert losses["dylora", rank] < 0.9 * losses["lora", rank], (rank, losses)
 
 
