@@ -102,6 +102,21 @@ def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
 # --- stage 1: the VAE ----------------------------------------------------------------------------------
 
 
+def resume_stage(
+    work_dir: Path, stage: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[int, dict[str, torch.Tensor], dict]:
+    """Load the stage's latest checkpoint into `model` and `optimizer`; return (its step, its tensors, its info),
+    or (0, {}, {}) when there is none."""
+    checkpoint = latest_checkpoint(work_dir, stage)
+    if checkpoint is None:
+        return 0, {}, {}
+    tensors = load_file(checkpoint / "checkpoint.safetensors")
+    info = json.loads((checkpoint / "checkpoint.json").read_text())
+    model.load_state_dict(prefixed(tensors, "model."))
+    load_optimizer(optimizer, tensors, info["optimizer"])
+    return info["step"], tensors, info
+
+
 def images_to_tensor(images) -> torch.Tensor:
     """PIL images -> a float tensor in [-1, 1], (B, 3, H, W)."""
     array = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 127.5 - 1
@@ -114,14 +129,7 @@ def train_vae(vae, args, work_dir: Path) -> None:
     with torch.no_grad():
         vae.quant_conv.bias[vae.config.latent_channels :] = -10.0
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr)
-    start = 0
-    checkpoint = latest_checkpoint(work_dir, "vae")
-    if checkpoint is not None:
-        tensors = load_file(checkpoint / "checkpoint.safetensors")
-        info = json.loads((checkpoint / "checkpoint.json").read_text())
-        vae.load_state_dict(prefixed(tensors, "model."))
-        load_optimizer(optimizer, tensors, info["optimizer"])
-        start = info["step"]
+    start, _, _ = resume_stage(work_dir, "vae", vae, optimizer)
     vae.train()
     for step in tqdm(range(start, args.vae_steps), initial=start, total=args.vae_steps, desc="vae"):
         images = autoencoder_batch(args.seed * 1_000_003 + step, args.vae_batch_size, args.resolution)
@@ -184,16 +192,10 @@ def train_unet(pipe, args, work_dir: Path) -> None:
     unet, vae, scheduler = pipe.unet, pipe.vae, DDPMScheduler.from_config(pipe.scheduler.config)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.unet_lr, weight_decay=1e-2)
     ema = EMAModel(unet.parameters(), decay=args.ema_decay, use_ema_warmup=True)
-    start = 0
-    checkpoint = latest_checkpoint(work_dir, "unet")
-    if checkpoint is not None:
-        tensors = load_file(checkpoint / "checkpoint.safetensors")
-        info = json.loads((checkpoint / "checkpoint.json").read_text())
-        unet.load_state_dict(prefixed(tensors, "model."))
-        load_optimizer(optimizer, tensors, info["optimizer"])
+    start, tensors, info = resume_stage(work_dir, "unet", unet, optimizer)
+    if start:
         shadow = prefixed(tensors, "ema.")
         ema.load_state_dict({**info["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
-        start = info["step"]
     if start < args.unet_steps:  # (a finished run only exports)
         means, stds, captions = encode_scenes(vae, args)
         texts = encode_captions(pipe, all_captions())
