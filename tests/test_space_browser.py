@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from sdxl_pivotal.space.presets import PRESETS, repeats
+from sdxl_pivotal.space.uploads import list_images, read_caption
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -105,6 +106,13 @@ def wait_for_step(page, at_least: int) -> int:
     return step
 
 
+def wait_until(condition, what: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
 def test_train_in_the_browser(app_url, page, tmp_path, demo_images):
     from playwright.sync_api import expect
 
@@ -143,10 +151,14 @@ def test_train_in_the_browser(app_url, page, tmp_path, demo_images):
     page.locator("#caption-all").click()
     expect(page.locator("#caption-message")).to_contain_text("Could not load the captioning model")
     backgrounds = ["green outdoors", "blue background", "white background", "yellow background"]
-    for i in range(6):
+    typed = [f"a photo of TOK toy figure, {backgrounds[i % 4]}" for i in range(6)]
+    for i, text in enumerate(typed):
         box = captions.nth(i)
-        box.fill(f"a photo of TOK toy figure, {backgrounds[i % 4]}")
+        box.fill(text)
         box.blur()
+    # Each box saves its caption beside its image (a server round trip): all six arrive, in order.
+    (images,) = [run / "images" for run in (tmp_path / "runs").iterdir()]
+    wait_until(lambda: [read_caption(p) for p in list_images(images)] == typed, "the typed captions saved")
 
     # 4. A short run on the world-trained tiny model (the default without a GPU), at the 64 px it knows.
     expect(page.locator("#flag-resolution input")).to_have_value("64")

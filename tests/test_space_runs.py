@@ -184,3 +184,43 @@ def test_push_is_private_by_default_and_the_token_stays_in_the_client(tmp_path, 
     write_results_zip(out, tmp_path / "my-lora.zip")
     for path in tmp_path.rglob("*"):
         assert path.is_dir() or TOKEN.encode() not in path.read_bytes()
+
+
+WORKER_PARENT = """
+import sys, time
+from sdxl_pivotal.space import estimate
+answer = estimate.planned_memory(["--pretrained_model_name_or_path", sys.argv[1], "--instance_prompt", "x"])
+print("could not size" in answer, *estimate._POOL[0]._processes, flush=True)
+time.sleep(600)
+"""
+
+
+def test_the_planner_worker_ends_with_an_app_killed_by_a_signal(tmp_path):
+    """SIGKILL (or SIGTERM, which runs no clean-up either) of the app must not leave its idle worker behind."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    app = subprocess.Popen(
+        [sys.executable, "-c", WORKER_PARENT, str(tmp_path / "missing")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        answered, worker = app.stdout.readline().split()
+        assert answered == "True"
+        worker = int(worker)
+        os.kill(worker, 0)  # alive while the app is
+        app.send_signal(signal.SIGKILL)
+        app.wait(30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                os.kill(worker, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            os.kill(worker, signal.SIGKILL)
+            pytest.fail("the planner's worker outlived the app")
+    finally:
+        app.kill()

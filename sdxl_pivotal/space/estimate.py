@@ -10,7 +10,9 @@ yet, so none is given for SDXL on a GPU.
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 
@@ -121,10 +123,23 @@ def planned_memory(argv: list[str]) -> MemoryEstimate | str:
             if not _POOL:
                 import multiprocessing
 
-                _POOL.append(ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")))
+                context = multiprocessing.get_context("spawn")
+                _POOL.append(ProcessPoolExecutor(1, context, _exit_with_parent, (os.getpid(),)))
             future: Future = _POOL[0].submit(_plan_in_worker, key)
         _PLANS[key] = future.result()
     return _PLANS[key]
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Watch the app from the worker: an app stopped by a signal runs no clean-up, and an idle worker would
+    otherwise outlive it (holding its libraries' memory)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _plan_in_worker(argv: tuple[str, ...]) -> MemoryEstimate | str:

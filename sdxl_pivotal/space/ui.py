@@ -299,7 +299,9 @@ class SpaceApp:
             files = gr.File(file_count="multiple", label="Drop 2–150 images or a zip", elem_id="upload")
             upload_message = gr.Markdown(elem_id="upload-message")
 
-            @gr.render(inputs=[folder, version])
+            # Every change of the folder comes with a new version: one trigger, so one upload renders the list once
+            # (rendering it twice could replace a caption box while it is being typed in).
+            @gr.render(inputs=[folder, version], triggers=[version.change, demo.load])
             def image_list(folder_value, _version):
                 images = list_images(Path(folder_value) / "images") if folder_value else []
                 if not images:
