@@ -98,6 +98,9 @@ def diffusers_loading_code(
             "text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)",
             'pipe.load_textual_inversion(state["clip_g"], token=tokens, '
             "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)",
+            "# pool at the end-of-text token, as in training and in the UIs (SDXL's configs say 2: transformers",
+            "# would pool at the new tokens)",
+            "pipe.text_encoder_2.text_model.eos_token_id = pipe.tokenizer_2.eos_token_id",
         ]
     return imports, body
 

@@ -114,10 +114,26 @@ def add_new_tokens(
             if not initializer_ids:
                 raise InputError(f"--initializer_token {initializer_token!r} gives no token.")
         encoder.resize_token_embeddings(len(tokenizer))
+        pool_at_end_of_text(encoder, tokenizer)
         base = encoder.get_input_embeddings()
         base.requires_grad_(False)
         rows = initial_rows(base, len(new), initializer_ids)
         encoder.set_input_embeddings(TokenEmbeddingWithNewRows(base, first_new_id, rows))
+
+
+def pool_at_end_of_text(encoder: torch.nn.Module, tokenizer) -> None:
+    """Make a CLIP text encoder pool at the end-of-text token, as CLIP itself, ComfyUI and AUTOMATIC1111 do.
+
+    SDXL's text-encoder configs carry the old `eos_token_id: 2`, with which transformers pools each prompt at its
+    highest token id. That is the end-of-text token until new tokens are added above it; then the pooled
+    embedding (SDXL's `text_embeds` conditioning, from encoder 2) would be read at `<s1>` instead, in training
+    and in diffusers, while the UIs read it at the end of the text (transformers#24650, diffusers#10754). With
+    the real id, transformers pools at the first end-of-text token: the same as before for prompts without new
+    tokens."""
+    encoder.config.eos_token_id = tokenizer.eos_token_id
+    for module in encoder.modules():  # the CLIP text model caches the id (on itself or its `text_model`)
+        if isinstance(getattr(module, "eos_token_id", None), int):
+            module.eos_token_id = tokenizer.eos_token_id
 
 
 def new_token_rows(text_encoders: list[torch.nn.Module]) -> list[torch.nn.Parameter]:

@@ -274,3 +274,67 @@ def test_abstraction_missing_from_prompts_warns_once(run_training, tmp_path, cap
         run_training(tmp_path / "run", "--max_train_steps", "1", "--token_abstraction", "TOK,ZQX", *TI)
     warnings = [r.getMessage() for r in caplog.records if "appears in no prompt or caption" in r.getMessage()]
     assert len(warnings) == 1 and "ZQX" in warnings[0] and "TOK," not in warnings[0]
+
+
+@pytest.fixture
+def model_with_sdxl_eos(tiny_model, tmp_path) -> Path:
+    """The tiny model with SDXL's own text-encoder configs' `eos_token_id: 2` (an old placeholder value)."""
+    import shutil
+
+    folder = tmp_path / "eos-2"
+    shutil.copytree(tiny_model, folder)
+    for name in ("text_encoder", "text_encoder_2"):
+        config_file = folder / name / "config.json"
+        config = json.loads(config_file.read_text())
+        config["eos_token_id"] = 2
+        config_file.write_text(json.dumps(config))
+    return folder
+
+
+def test_new_tokens_keep_the_pooled_embedding_at_the_end_of_text(model_with_sdxl_eos, demo_images, tmp_path):
+    """With `eos_token_id: 2` transformers pools at the highest token id, which new tokens take over. The trainer
+    and `load_for_diffusers` pool at the end-of-text token (as the UIs do), the same as before for plain prompts;
+    plain diffusers needs the one line the model card shows."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from sdxl_pivotal.formats.load import load_embeddings
+    from sdxl_pivotal.tokens import embeddings_state
+
+    prompt = "a photo of <s0><s1> toy, close up"
+    args = pivotal_args(model_with_sdxl_eos, demo_images, tmp_path)
+    parts = load_sdxl(args)
+    tokenizers, encoders = [parts.tokenizer, parts.tokenizer_2], [parts.text_encoder, parts.text_encoder_2]
+    encode = PromptEncoder(tokenizers, encoders, None)
+    with torch.no_grad():
+        _, plain_before = encode(["a photo of toy"], False)
+        add_new_tokens(tokenizers, encoders, PivotalTokens.from_flags("TOK", 2), None)
+        _, plain_after = encode(["a photo of toy"], False)
+        _, pooled = encode([prompt], False)
+        # By hand: encoder 2's final hidden states, read at the first end-of-text token, then projected.
+        ids = parts.tokenizer_2(prompt, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        hidden = encoders[1](ids).last_hidden_state[0]
+        at_end = encoders[1].text_projection(hidden[int((ids[0] == parts.tokenizer_2.eos_token_id).nonzero()[0])])
+        at_highest = encoders[1].text_projection(hidden[int(ids[0].argmax())])  # `<s1>`
+    torch.testing.assert_close(plain_after, plain_before, rtol=0, atol=0)
+    torch.testing.assert_close(pooled[0], at_end, rtol=0, atol=1e-6)
+    assert not torch.allclose(at_end, at_highest, atol=1e-3)
+
+    # Users: our loader pools as the trainer did; diffusers alone pools at `<s1>` until the card's line.
+    rows, tokens = embeddings_state(encoders), ["<s0>", "<s1>"]
+    ours = StableDiffusionXLPipeline.from_pretrained(model_with_sdxl_eos)
+    load_embeddings(ours, rows, tokens)
+    torch.testing.assert_close(
+        ours.encode_prompt(prompt, do_classifier_free_guidance=False)[2], pooled, atol=1e-6, rtol=0
+    )
+    theirs = StableDiffusionXLPipeline.from_pretrained(model_with_sdxl_eos)
+    theirs.load_textual_inversion(
+        rows["clip_l"], token=tokens, text_encoder=theirs.text_encoder, tokenizer=theirs.tokenizer
+    )
+    theirs.load_textual_inversion(
+        rows["clip_g"], token=tokens, text_encoder=theirs.text_encoder_2, tokenizer=theirs.tokenizer_2
+    )
+    assert not torch.allclose(theirs.encode_prompt(prompt, do_classifier_free_guidance=False)[2], pooled, atol=1e-3)
+    theirs.text_encoder_2.text_model.eos_token_id = theirs.tokenizer_2.eos_token_id  # the card's line
+    torch.testing.assert_close(
+        theirs.encode_prompt(prompt, do_classifier_free_guidance=False)[2], pooled, atol=1e-6, rtol=0
+    )

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ..export import LORA_WEIGHTS_NAME
-from ..tokens import EMBEDDING_KEYS, PivotalTokens
+from ..tokens import EMBEDDING_KEYS, PivotalTokens, pool_at_end_of_text
 from .diffusers_lora import TEXT_ENCODER_PARTS, config_metadata, diffusers_lora_metadata, diffusers_to_peft
 from .families import PeftLora
 from .kohya import BUNDLE_PREFIX, TOKENS_METADATA_KEY, kohya_to_peft, split_bundled_embeddings
@@ -158,6 +158,7 @@ def load_embeddings(pipe, embeddings: Mapping[str, torch.Tensor], tokens: list[s
         pipe.load_textual_inversion(
             embeddings[key], token=tokens, text_encoder=getattr(pipe, encoder), tokenizer=getattr(pipe, tokenizer)
         )
+        pool_at_end_of_text(getattr(pipe, encoder), getattr(pipe, tokenizer))  # as in training
     return tokens
 
 
