@@ -254,6 +254,8 @@ def output_writer(output_dir: Path, models: dict[str, torch.nn.Module], tokens: 
             embeddings,
             tokens,
             bundle=args.bundle_embeddings,
+            # kohya's DyLoRA argument: `tools extract-dylora` reads the step between ranks from the file
+            network_args={"unit": str(args.dylora_unit)} if args.adapter == "dylora" else None,
         )
 
     return write_outputs

@@ -7,6 +7,7 @@ same truncation of an ordinary LoRA trained alike, resume is exact, and the flag
 from __future__ import annotations
 
 import contextlib
+import json
 from argparse import Namespace
 from pathlib import Path
 
@@ -231,7 +232,10 @@ def truncated_outputs(tiny_model: Path, run: Path, rank: int):
 
 
 def test_extract_writes_an_ordinary_lora_per_rank_in_both_formats(dylora_run, tiny_model, capsys):
-    assert tools_main(["extract-dylora", str(dylora_run), "--unit", str(UNIT), "--base", str(tiny_model)]) == 0
+    with safe_open(str(dylora_run / "tok-toy.safetensors"), framework="pt") as file:  # kohya's DyLoRA argument
+        assert json.loads(file.metadata()["ss_network_args"])["unit"] == str(UNIT)
+    # no --unit: the run's kohya file records it
+    assert tools_main(["extract-dylora", str(dylora_run), "--base", str(tiny_model)]) == 0
     written = sorted(line.removeprefix("wrote ") for line in capsys.readouterr().out.splitlines())
     expected = [f"{name}-r{rank}.safetensors" for name in ("pytorch_lora_weights", "tok-toy") for rank in RANKS]
     assert [Path(path).name for path in written] == sorted(expected)
@@ -279,6 +283,11 @@ def test_extract_refuses_a_unit_that_does_not_divide_the_ranks(dylora_run, tiny_
     assert "not a multiple of --unit 5; pass the run's --dylora_unit" in capsys.readouterr().err
     assert tools_main(["extract-dylora", str(kohya), "--unit", "0"]) == 2
     assert "at least 1" in capsys.readouterr().err
+    diffusers_file = dylora_run / "pytorch_lora_weights.safetensors"  # diffusers' metadata has no kohya arguments
+    assert (
+        tools_main(["extract-dylora", str(diffusers_file), "--base", str(tiny_model), "--output", str(tmp_path)]) == 2
+    )
+    assert "record(s) no DyLoRA unit: pass --unit" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.safetensors"))
     extract_dylora(kohya, UNIT, tmp_path)
     with pytest.raises(InputError, match="exists; pass --overwrite"):

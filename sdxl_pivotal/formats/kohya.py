@@ -148,13 +148,17 @@ def save_kohya_lora(
     embeddings: Mapping[str, torch.Tensor] | None = None,
     tokens: PivotalTokens | None = None,
     bundle: bool = True,
+    network_args: Mapping[str, str] | None = None,
 ) -> Path:
     """Write `folder/<name>.safetensors` atomically: the adapters of `models` (the pipeline parts, with their base
     weights) and, with `bundle`, the pivotal-tuning `embeddings` ({"clip_l", "clip_g"}) as A1111's bundled
-    embedding `name`; the new `tokens` are recorded for loaders that prompt with the tokens themselves."""
+    embedding `name`; the new `tokens` are recorded for loaders that prompt with the tokens themselves, and
+    `network_args` (such as DyLoRA's {"unit": "4"}) in kohya's `ss_network_args`."""
     state = kohya_state_dict(models)
     options = lokr_options(next(iter(models.values())).peft_config["default"])
     metadata = kohya_state_metadata(state, name, base_model, tokens, bundle and embeddings is not None) | options
+    if network_args:
+        metadata["ss_network_args"] = json.dumps(json.loads(metadata["ss_network_args"]) | dict(network_args))
     if any(key.endswith(".dora_scale") for key in state):
         state = comfyui_dora(state, models)
         metadata[DORA_FORM_KEY] = "comfyui"
