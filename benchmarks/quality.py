@@ -38,7 +38,7 @@ from sdxl_pivotal.quality import (
     train_subject,
     world_accuracy,
 )
-from sdxl_pivotal.tiny import save_tiny_sdxl
+from sdxl_pivotal.tiny import pretrained_resolution, save_tiny_sdxl
 from sdxl_pivotal.world import write_subject_images
 
 
@@ -85,7 +85,7 @@ def main() -> None:
 
     work = Path(options.work_dir or tempfile.mkdtemp(prefix="quality-"))
     model = save_tiny_sdxl(work / "tiny-sdxl", pretrained=True)
-    images = write_subject_images(work / "images")
+    images = write_subject_images(work / "images", size=pretrained_resolution())
     all_configs = configurations(work / "class-images")
     unknown = sorted(set(options.configs) - set(all_configs))
     if unknown:

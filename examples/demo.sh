@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole product on a laptop CPU in a few minutes: the embedded tiny SDXL, pretrained on a procedural
-# world of shapes (it draws "a photo of a red circle on a blue background" at 64 px), learns a subject it has
+# world of shapes (it draws "a photo of a red circle on a blue background" at 128 px), learns a subject it has
 # never seen (a pink and cyan bullseye, "TOK circle") from six photos, with pivotal tuning and prior
 # preservation, via the real training script. Then a before/after grid: same prompts and seeds, base vs LoRA.
 # Everything lands in ./demo-output (override: DEMO_DIR=... bash examples/demo.sh).
@@ -24,7 +24,7 @@ accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dyna
   --validation_prompt "a photo of TOK circle on a green background" --validation_steps 100 \
   --num_validation_images 2 --validation_inference_steps 20 \
   --output_dir "$DEMO_DIR/tok-circle" --overwrite_output_dir \
-  --resolution 64 --train_batch_size 2 --repeats 4 --rank 8 \
+  --resolution 128 --train_batch_size 2 --repeats 4 --rank 8 \
   --learning_rate 1e-3 --lr_scheduler constant --lr_warmup_steps 10 --snr_gamma 5 \
   --max_train_steps 200 --checkpointing_steps 100 --seed 0 --report_to tensorboard
 

@@ -11,6 +11,9 @@ Two stages, both seeded and resumable (rerun the same command; it continues from
    min-SNR-5 weighting (`losses.min_snr_weights`), 10% empty prompts (zero embeddings, as SDXL's
    `force_zeros_for_empty_prompt`) for classifier-free guidance, an EMA of the weights (diffusers' `EMAModel`).
 The scenes of step N come from seed (seed, N); the UNet trains on a fixed set of encoded scenes.
+With `--init_from` an earlier export (e.g. the world at 64 px) is trained further at `--resolution` (progressive
+resolution, as SDXL itself was trained): its VAE (and `scaling_factor`) and text encoders are kept, the VAE
+stage is skipped, and the UNet continues from its weights.
 The export (fp16 safetensors per component, the tokenizer files, `recipe.json`) is what
 `python -m sdxl_pivotal.tiny --pretrained` builds a diffusers folder from.
 """
@@ -30,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .losses import min_snr_weights
-from .tiny import WORLD_VOCAB_WORDS, build_tiny_sdxl_pipeline, write_clip_vocab
+from .tiny import WORLD_VOCAB_WORDS, build_pretrained_tiny_sdxl, build_tiny_sdxl_pipeline, write_clip_vocab
 from .world import all_captions, autoencoder_batch, world_batch
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -55,7 +58,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_scenes", type=int, default=4096, help="encoded scenes the UNet trains on")
     parser.add_argument("--caption_dropout", type=float, default=0.1)
     parser.add_argument("--checkpointing_steps", type=int, default=500)
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--init_from",
+        default=None,
+        help="an earlier --export_dir to train further (at --resolution): keeps its VAE, skips the VAE stage",
+    )
+    args = parser.parse_args(argv)
+    if args.init_from and not (Path(args.init_from) / "recipe.json").is_file():
+        parser.error(f"--init_from {args.init_from}: no recipe.json there; pass an earlier run's --export_dir.")
+    return args
 
 
 # --- checkpoints: safetensors for tensors, JSON for the rest ---------------------------------------------
@@ -253,13 +264,18 @@ def export(pipe, args, export_dir: Path) -> None:
         state = {k: v.detach().to(torch.float16).contiguous() for k, v in getattr(pipe, name).state_dict().items()}
         save_file(state, export_dir / f"{name}.safetensors")
     write_clip_vocab(export_dir, WORLD_VOCAB_WORDS)
+    skipped = {"work_dir", "export_dir", "init_from"}
+    if args.init_from:  # no VAE stage
+        skipped |= {"vae_steps", "vae_batch_size", "vae_crop", "vae_lr", "kl_weight"}
+    options = {k: v for k, v in vars(args).items() if k not in skipped}
     recipe = {
-        "command": "python -m sdxl_pivotal.pretrain_world "
-        + " ".join(f"--{k} {v}" for k, v in vars(args).items() if k not in ("work_dir", "export_dir")),
+        "command": "python -m sdxl_pivotal.pretrain_world " + " ".join(f"--{k} {v}" for k, v in options.items()),
         "preset": "tiny",
         "resolution": args.resolution,
         "vae_scaling_factor": pipe.vae.config.scaling_factor,
     }
+    if args.init_from:  # the earlier stage's recipe: run it with --export_dir X, then this one with --init_from X
+        recipe["init_from"] = json.loads((Path(args.init_from) / "recipe.json").read_text())
     (export_dir / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
 
 
@@ -269,15 +285,19 @@ def main(argv: list[str] | None = None) -> None:
     work_dir = Path(args.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    vocab_dir = work_dir / "vocab"
-    write_clip_vocab(vocab_dir, WORLD_VOCAB_WORDS)
-    pipe = build_tiny_sdxl_pipeline("tiny", seed=args.seed, vocab_dir=vocab_dir)
+    if args.init_from:
+        pipe = build_pretrained_tiny_sdxl(args.init_from)
+    else:
+        vocab_dir = work_dir / "vocab"
+        write_clip_vocab(vocab_dir, WORLD_VOCAB_WORDS)
+        pipe = build_tiny_sdxl_pipeline("tiny", seed=args.seed, vocab_dir=vocab_dir)
     pipe.text_encoder.requires_grad_(False)
     pipe.text_encoder_2.requires_grad_(False)
-    train_vae(pipe.vae, args, work_dir)
+    if not args.init_from:
+        train_vae(pipe.vae, args, work_dir)
+        means, _, _ = encode_scenes(pipe.vae, argparse.Namespace(**{**vars(args), "num_scenes": 1024}))
+        pipe.vae.register_to_config(scaling_factor=float(1 / means.std()))
     pipe.vae.requires_grad_(False)
-    means, _, _ = encode_scenes(pipe.vae, argparse.Namespace(**{**vars(args), "num_scenes": 1024}))
-    pipe.vae.register_to_config(scaling_factor=float(1 / means.std()))
     print(f"vae scaling_factor {pipe.vae.config.scaling_factor:.4f}")
     train_unet(pipe, args, work_dir)
     print(f"this session: {time.time() - started:.0f} s")

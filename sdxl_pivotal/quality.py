@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from .tiny import pretrained_resolution
 from .world import histogram_intersection, read_image
 
 # Instance images show blue, black, yellow and white backgrounds (`world.write_subject_images`).
@@ -183,7 +184,7 @@ def world_accuracy(pipe, seeds: list[int], prompts=WORLD_PROMPTS) -> tuple[dict[
 # The demo's training recipe (examples/demo.sh) as flags of the training script; configurations add to it.
 SUBJECT_TRAINING_FLAGS = (
     "--instance_prompt", "a photo of TOK circle", "--caption_column", "text",
-    "--resolution", "64", "--train_batch_size", "2", "--repeats", "4", "--rank", "8",
+    "--resolution", str(pretrained_resolution()), "--train_batch_size", "2", "--repeats", "4", "--rank", "8",
     "--learning_rate", "1e-3", "--lr_scheduler", "constant", "--lr_warmup_steps", "10",
     "--report_to", "none",
 )  # fmt: skip
@@ -222,8 +223,10 @@ def train_subject(
     return Path(output_dir)
 
 
-def image_grid(rows: list[list[Image.Image]], labels: list[str], scale: int = 2) -> Image.Image:
-    """Rows of equal-size images, each row with a text label on its left."""
+def image_grid(rows: list[list[Image.Image]], labels: list[str], cell: int = 128) -> Image.Image:
+    """Rows of equal-size images, each row with a text label on its left; images smaller than `cell` px are
+    enlarged by a whole factor (nearest neighbour: the pixels stay visible)."""
+    scale = max(1, cell // rows[0][0].size[1])
     width, height = rows[0][0].size[0] * scale, rows[0][0].size[1] * scale
     draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     label_width = 8 + max(int(draw.textlength(label)) for label in labels)

@@ -217,6 +217,11 @@ def build_tiny_sdxl_pipeline(preset: str = "tiny", seed: int = 0, vocab_dir: Pat
     )
 
 
+def pretrained_resolution(weights_dir: str | Path = PRETRAINED_DIR) -> int:
+    """The image size (px) the world-trained tiny SDXL learned at (its `recipe.json`): train and sample at it."""
+    return json.loads((Path(weights_dir) / "recipe.json").read_text())["resolution"]
+
+
 def build_pretrained_tiny_sdxl(weights_dir: str | Path = PRETRAINED_DIR):
     """The tiny SDXL with the weights `sdxl_pivotal.pretrain_world` exported (it draws the procedural world).
 
@@ -292,7 +297,9 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--pretrained", action="store_true", help="the world-trained tiny weights (64 px) instead of random ones"
+        "--pretrained",
+        action="store_true",
+        help=f"the world-trained tiny weights ({pretrained_resolution()} px) instead of random ones",
     )
     parser.add_argument("--demo_images", default=None, help="also write the demo image set (a toy figure) here")
     parser.add_argument(
@@ -308,7 +315,8 @@ def main() -> None:
     if args.subject_images:
         from .world import write_subject_images
 
-        print(f"wrote subject images to {write_subject_images(args.subject_images)}")
+        folder = write_subject_images(args.subject_images, size=pretrained_resolution())
+        print(f"wrote subject images to {folder}")
 
 
 if __name__ == "__main__":

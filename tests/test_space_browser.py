@@ -19,6 +19,7 @@ from PIL import Image
 
 from sdxl_pivotal.space.presets import PRESETS, repeats
 from sdxl_pivotal.space.uploads import list_images, read_caption
+from sdxl_pivotal.tiny import pretrained_resolution
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -160,8 +161,8 @@ def test_train_in_the_browser(app_url, page, tmp_path, demo_images):
     (images,) = [run / "images" for run in (tmp_path / "runs").iterdir()]
     wait_until(lambda: [read_caption(p) for p in list_images(images)] == typed, "the typed captions saved")
 
-    # 4. A short run on the world-trained tiny model (the default without a GPU), at the 64 px it knows.
-    expect(page.locator("#flag-resolution input")).to_have_value("64")
+    # 4. A short run on the world-trained tiny model (the default without a GPU), at the resolution it knows.
+    expect(page.locator("#flag-resolution input")).to_have_value(str(pretrained_resolution()))
     for dest, value in [
         ("max_train_steps", STEPS),
         ("validation_steps", 20),

@@ -75,28 +75,33 @@ def test_subject_fidelity_separates_the_subject_from_the_world(tmp_path):
 
 
 def test_pretrained_tiny_sdxl_loads_the_shipped_weights(tmp_path):
-    from sdxl_pivotal.tiny import PRETRAINED_DIR, build_pretrained_tiny_sdxl, build_tiny_sdxl_pipeline
+    from sdxl_pivotal.tiny import (
+        PRETRAINED_DIR,
+        build_pretrained_tiny_sdxl,
+        build_tiny_sdxl_pipeline,
+        pretrained_resolution,
+    )
 
     pipe = build_pretrained_tiny_sdxl()
     shipped = load_file(PRETRAINED_DIR / "unet.safetensors")
     state = pipe.unet.state_dict()
     assert all(torch.equal(state[k], v.float()) for k, v in shipped.items())
-    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 64
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == pretrained_resolution() == 128
     random = build_tiny_sdxl_pipeline()
     assert not torch.equal(random.unet.conv_in.weight, pipe.unet.conv_in.weight)
 
 
 def test_shipped_base_draws_the_requested_colours(tmp_path):
     """The world-trained tiny SDXL, loaded as users load it, draws what its prompts ask, as the world's detectors
-    read it (measured: the background and the shape's colour in 24 of 24 samples; the shape only in 5, at
-    chance: blobs)."""
+    read it (measured: the background in 24 of 24 samples, the shape's colour in 22, the shape in 14; chance is
+    4, 4 and 6; the 64 px release drew the shape in 5)."""
     from sdxl_pivotal.quality import load_pipeline, world_accuracy
     from sdxl_pivotal.tiny import save_tiny_sdxl
 
     pipe, _ = load_pipeline(save_tiny_sdxl(tmp_path / "tiny-world", pretrained=True))
     accuracy, rows = world_accuracy(pipe, seeds=[0, 1, 2, 3])
     assert len(rows) == 6 and all(len(row) == 4 for row in rows)
-    assert accuracy["background"] >= 0.9 and accuracy["shape_color"] >= 0.9, accuracy
+    assert accuracy["background"] >= 0.9 and accuracy["shape_color"] >= 0.8 and accuracy["shape"] >= 0.45, accuracy
 
 
 @pytest.mark.slow
@@ -115,3 +120,32 @@ def test_pretraining_resumes_exactly(tmp_path):
     halfway = load_file(tmp_path / "b" / "unet-2" / "checkpoint.safetensors")["ema.0"]
     final = load_file(tmp_path / "a-out" / "unet.safetensors")["conv_in.weight"]
     assert halfway.shape == final.shape and not torch.equal(halfway.half(), final)
+
+
+def test_pretraining_continues_an_export_at_a_new_resolution(tmp_path):
+    """`--init_from`: the UNet continues from the export's weights at the new resolution; its VAE, scaling factor
+    and text encoders are kept (no VAE stage), and the recipe records the earlier stage's."""
+    import json
+
+    from sdxl_pivotal.pretrain_world import main
+    from sdxl_pivotal.tiny import PRETRAINED_DIR, build_pretrained_tiny_sdxl
+
+    source = tmp_path / "source"
+    build = ["--vae_steps", "2", "--num_scenes", "16", "--unet_batch_size", "4", "--vae_batch_size", "4"]
+    main(["--work_dir", str(tmp_path / "a"), "--export_dir", str(source), "--unet_steps", "2", *build])
+    out = tmp_path / "continued"
+    small = ["--num_scenes", "16", "--unet_batch_size", "4", "--unet_steps", "2", "--resolution", "96"]
+    main(["--work_dir", str(tmp_path / "b"), "--export_dir", str(out), "--init_from", str(source), *small])
+
+    assert not list((tmp_path / "b").glob("vae-*"))
+    for name in ("vae", "text_encoder", "text_encoder_2"):
+        a, b = load_file(source / f"{name}.safetensors"), load_file(out / f"{name}.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    before, after = load_file(source / "unet.safetensors"), load_file(out / "unet.safetensors")
+    assert not all(torch.equal(before[k], after[k]) for k in before)
+    recipe, earlier = json.loads((out / "recipe.json").read_text()), json.loads((source / "recipe.json").read_text())
+    assert recipe["init_from"] == earlier and recipe["resolution"] == 96 and "--vae_steps" not in recipe["command"]
+    assert recipe["vae_scaling_factor"] == earlier["vae_scaling_factor"]
+    assert build_pretrained_tiny_sdxl(out).unet.config.sample_size == 96 // 8
+    with pytest.raises(SystemExit):
+        main(["--work_dir", str(tmp_path / "c"), "--init_from", str(PRETRAINED_DIR.parent), *small])

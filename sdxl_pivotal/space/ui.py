@@ -18,7 +18,7 @@ from PIL import Image
 from ..args import build_parser, parse_args
 from ..caption import DEFAULT_MODEL, Captioner, with_concept
 from ..errors import InputError
-from ..tiny import save_tiny_sdxl
+from ..tiny import pretrained_resolution, save_tiny_sdxl
 from . import command as cmd
 from .estimate import HARDWARE, cached_memory, estimate, planned_memory
 from .presets import PRESETS, preset_settings
@@ -28,7 +28,7 @@ from .runs import RunManager
 from .uploads import MIN_IMAGES, add_uploads, list_images, new_run_folder, read_caption, remove_image, write_caption
 
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
-WORLD_LABEL = "embedded tiny SDXL trained on a world of shapes (64 px, runs on a CPU)"
+WORLD_LABEL = f"embedded tiny SDXL trained on a world of shapes ({pretrained_resolution()} px, runs on a CPU)"
 TINY_LABEL = "embedded tiny SDXL (random weights, runs on a CPU)"
 TINY_FOLDERS = {WORLD_LABEL: "tiny-world", TINY_LABEL: "tiny-sdxl"}  # in the model cache
 STATUS_TEXT = {
@@ -53,10 +53,10 @@ def ensure_tiny_model(cache_dir: Path, label: str) -> Path:
 
 def app_defaults(has_gpu: bool, model: str) -> dict:
     """Starting values of the app for `model` (a label or an id; the trainer's own defaults are shown beside
-    each setting). The world-trained tiny SDXL learned its world at 64 px."""
+    each setting). The world-trained tiny SDXL is trained at the resolution it learned its world at."""
     tiny = model in TINY_FOLDERS
     return {
-        "resolution": 64 if model == WORLD_LABEL else 128 if tiny else 1024,
+        "resolution": pretrained_resolution() if model == WORLD_LABEL else 128 if tiny else 1024,
         "train_batch_size": 2 if tiny else 1,
         "gradient_accumulation_steps": 1 if tiny else 4,
         "gradient_checkpointing": not tiny,
